@@ -1,0 +1,55 @@
+# ace_lightning — every target is a one-liner over a package module. `make` lists them.
+SHELL := /bin/bash
+PY     := .venv/bin/python
+STAMP  := .venv/.installed
+CONCEPT ?=
+MODEL   ?=
+ARGS    ?=
+SUITE   ?=
+ADAPTER ?=
+DEVICES ?= 1
+OUT     ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install train test test-slow lint clean toyworld toyworld-eval bench bench-closed-form
+
+help: ## list every target
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install the package (idempotent)
+
+train: $(STAMP) ## erase CONCEPT="a,b" [MODEL=dir-or-id] [ARGS="k=v ..."]
+	@test -n "$(CONCEPT)" || { echo "usage: make train CONCEPT=<name>[,<name>...] [MODEL=<dir-or-id>] [ARGS=\"k=v ...\"]"; exit 2; }
+	$(PY) -m ace_lightning.train concept="$(CONCEPT)" $(if $(MODEL),model.path="$(MODEL)") $(ARGS)
+
+test: $(STAMP) ## run the default (fast, offline, CPU) test suite
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP) ## run only the slow tests
+	$(PY) -m pytest -q -m slow
+
+lint: $(STAMP) ## ruff check
+	$(PY) -m ruff check ace_lightning tests benchmarks
+
+toyworld: $(STAMP) ## build (render, train, evaluate) the embedded ToyWorld model; resumable [ARGS="k=v ..."]
+	$(PY) -m ace_lightning.toyworld.build $(ARGS)
+
+toyworld-eval: $(STAMP) ## re-measure the shipped ToyWorld model's quality card
+	$(PY) -m ace_lightning.toyworld.evaluate $(ARGS)
+
+bench: $(STAMP) ## run a suite: SUITE=<name> [ADAPTER=path] [MODEL=dir-or-id] [DEVICES=N] [OUT=dir] [ARGS="k=v ..."]
+	@test -n "$(SUITE)" || { echo "usage: make bench SUITE=<name> [ADAPTER=...] [MODEL=...] [DEVICES=N] [OUT=dir]"; exit 2; }
+	$(PY) -m ace_lightning.bench.run suite="$(SUITE)" devices=$(DEVICES) $(if $(ADAPTER),adapter="$(ADAPTER)") $(if $(MODEL),model="$(MODEL)") $(if $(OUT),out="$(OUT)") $(ARGS)
+
+bench-closed-form: $(STAMP) ## time the closed-form stage for 1, 10, 100 concepts at SD-1.4 sizes
+	$(PY) benchmarks/closed_form_speed.py $(ARGS)
+
+clean: ## remove outputs, caches and the venv
+	rm -rf .venv outputs wandb .pytest_cache .ruff_cache lightning_logs *.egg-info

@@ -1,0 +1,77 @@
+"""Stage 1 as a Lightning setup callback: closed-form init of every concept's gated adapter."""
+
+from __future__ import annotations
+
+import time
+
+import lightning as L
+import torch
+
+from ace_lightning.method import gate as G
+from ace_lightning.method.adapter import AdapterBank
+from ace_lightning.method.closed_form import preserve_factor, solve_concept
+
+
+def initialize_bank(bank: AdapterBank, weights: dict[str, torch.Tensor], concepts, P: torch.Tensor, cf, acfg) -> dict:
+    """Fill ``bank`` with one gated adapter per concept (``concepts``: ConceptData list). Returns stats.
+
+    ``cf``: closed-form settings (enabled, lam, s_e, s_p); ``acfg``: adapter settings (rank, gate_q,
+    gate_project_out, gate_target, ungated). One factorisation of M serves every concept.
+    """
+    t0 = time.perf_counter()
+    d = P.shape[0]
+    factor = preserve_factor(P, d, cf.lam, cf.s_p)
+    stats = {}
+    for cd in concepts:
+        name = cd.request.concept
+        if cf.enabled:
+            res = solve_concept(weights, cd.C, cd.N, factor, cf.s_e, acfg.rank)
+            A, B, energy = res.A, res.B, res.energy_kept
+        else:  # LoRA-style start: A on the targets' principal directions, B = 0 (identity)
+            U = torch.linalg.svd(cd.C.double(), full_matrices=False).U[:, : acfg.rank]
+            A, B, energy = U.T.float(), {k: torch.zeros(W.shape[0], U.shape[1]) for k, W in weights.items()}, 0.0
+        ad = bank.add_concept(name, rank=A.shape[0], q=acfg.gate_q)
+        with torch.no_grad():
+            ad.A.copy_(A)
+            for k in weights:
+                ad.B[k].copy_(B[k])
+            Q = G.gate_directions(cd.C, acfg.gate_q, P, acfg.gate_project_out)
+            ad.Q = torch.zeros(d, acfg.gate_q)
+            ad.Q[:, : Q.shape[1]] = Q
+            s_t, s_p = G.scores(ad.Q, cd.C), G.scores(ad.Q, P)
+            if acfg.ungated:  # gate pinned open: the plain (UCE-like) low-rank edit
+                gamma, tau = 0.0, -1.0
+            else:
+                gamma, tau = G.calibrate(s_t, s_p, target_gate=acfg.gate_target)
+            ad.gamma.fill_(gamma)
+            ad.tau.fill_(tau)
+            stats[name] = {
+                "rank": A.shape[0], "energy_kept": energy, "gamma": gamma, "tau": tau,
+                "gate_target_mean": float(ad.gate(cd.C.T).mean()), "gate_preserve_mean": float(ad.gate(P.T).mean()),
+                "gate_preserve_max": float(ad.gate(P.T).max()),
+            }
+        if acfg.ungated:
+            ad.gamma.requires_grad_(False)
+            ad.tau.requires_grad_(False)
+    stats["_seconds"] = time.perf_counter() - t0
+    return stats
+
+
+class ClosedFormInit(L.Callback):
+    """Runs once in ``setup`` (after the DataModule's): solves stage 1 and calibrates the gates."""
+
+    def __init__(self, closed_form_cfg, adapter_cfg):
+        self.cf, self.acfg = closed_form_cfg, adapter_cfg
+        self.stats: dict = {}
+
+    def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        if len(pl_module.bank.concepts):  # already initialised (a second fit, or a resumed module)
+            return
+        dm = trainer.datamodule
+        dm.setup(stage)
+        from ace_lightning.method.adapter import base_weights
+
+        weights = base_weights(pl_module.unet, self.acfg.targets)
+        self.stats = initialize_bank(pl_module.bank, weights, dm.concepts, dm.P, self.cf, self.acfg)
+        pl_module.bank.to(pl_module.device)
+        pl_module.init_stats = self.stats

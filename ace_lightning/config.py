@@ -1,0 +1,216 @@
+"""Strict configuration: dataclass schemas + ``experiments/base.yaml`` + recipes + ``key=value`` overrides.
+
+Unknown keys are errors that list the valid keys at that level. Concept presets
+(``experiments/concepts/<name>.yaml``) fill ``concepts``; ``experiment=<name>`` merges a recipe file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+from ace_lightning.registry import ConfigError
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
+
+
+@dataclass
+class RequestCfg:
+    concept: str = ""
+    kind: str = "object"
+    neutral: str = ""
+    synonyms: list[str] = field(default_factory=list)
+    preserve: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ModelCfg:
+    path: str | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+
+
+@dataclass
+class AdapterCfg:
+    targets: list[str] = field(default_factory=lambda: ["to_k", "to_v"])
+    rank: int = 16
+    gate_q: int = 8
+    gate_project_out: int = 4
+    gate_target: float = 0.95
+    ungated: bool = False
+
+
+@dataclass
+class ClosedFormCfg:
+    enabled: bool = True
+    lam: float = 0.1
+    s_e: float = 1.0
+    s_p: float = 1.0
+
+
+@dataclass
+class LossCfg:
+    eta: float = 0.0
+    alpha_pres: float = 1.0
+    alpha_gate: float = 0.1
+
+
+@dataclass
+class OptimCfg:
+    lr: float = 5e-4
+    lr_gate: float = 1e-2
+    weight_decay: float = 0.0
+
+
+@dataclass
+class TrainerCfg:
+    max_steps: int = 200
+    accelerator: str = "cpu"
+    devices: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    log_every_n_steps: int = 10
+    checkpoint_every: int = 50
+    gradient_clip_val: float = 1.0
+    enable_progress_bar: bool = True
+
+
+@dataclass
+class DataCfg:
+    batch_size: int = 4
+    prompts_per_concept: int = 32
+    preserve_prompts: int = 48
+    latents_per_concept: int = 16
+    latents_preserve: int = 32
+    neighbours_k: int = 3
+    neighbours_vocab: int = 4000
+    template_family: str = "auto"
+    token_policy: str = "last+eos"
+    timesteps: dict[str, Any] = field(default_factory=lambda: {"name": "uniform"})
+    cache_dir: str = ".cache/ace"
+    num_workers: int = 0
+
+
+@dataclass
+class AdvCfg:
+    enabled: bool = True
+    name: str = "soft_prompt"
+    every: int = 25
+    warmup: int = 50
+    steps: int = 5
+    lr: float = 1e-2
+    n_adv: int = 2
+    position: str = "replace"
+    rows: int = 2
+    pool: int = 16
+
+
+@dataclass
+class SamplerCfg:
+    scheduler: str = "ddim"
+    steps: int = 25
+    guidance: float = 5.0
+    eta: float = 0.0
+
+
+@dataclass
+class GridCfg:
+    enabled: bool = True
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    preserve_prompts: int = 3
+
+
+@dataclass
+class LoggerCfg:
+    wandb: bool = True
+    project: str = "ace_lightning"
+    mode: str = "offline"
+
+
+@dataclass
+class RunCfg:
+    concept: str = ""
+    experiment: str = ""
+    concepts: list[RequestCfg] = field(default_factory=list)
+    name: str | None = None
+    seed: int = 0
+    output_dir: str = "outputs"
+    ckpt_path: str | None = None
+    model: ModelCfg = field(default_factory=ModelCfg)
+    adapter: AdapterCfg = field(default_factory=AdapterCfg)
+    closed_form: ClosedFormCfg = field(default_factory=ClosedFormCfg)
+    loss: LossCfg = field(default_factory=LossCfg)
+    optim: OptimCfg = field(default_factory=OptimCfg)
+    trainer: TrainerCfg = field(default_factory=TrainerCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    adv: AdvCfg = field(default_factory=AdvCfg)
+    sampler: SamplerCfg = field(default_factory=SamplerCfg)
+    grid: GridCfg = field(default_factory=GridCfg)
+    logger: LoggerCfg = field(default_factory=LoggerCfg)
+
+
+def _valid_keys(cfg: DictConfig, dotted: str) -> list[str]:
+    node: Any = cfg
+    for part in dotted.split(".")[:-1]:
+        if isinstance(node, DictConfig) and part in node:
+            node = node[part]
+        else:
+            break
+    return sorted(node.keys()) if isinstance(node, DictConfig) else []
+
+
+def _merge(cfg: DictConfig, other, origin: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(cfg, other)
+    except (ConfigKeyError, ConfigAttributeError) as e:
+        key = getattr(e, "full_key", None) or str(e)
+        raise ConfigError(f"unknown config key {key!r} in {origin}; valid keys here: {_valid_keys(cfg, str(key))}") from None
+    except ValidationError as e:
+        raise ConfigError(f"bad value in {origin}: {e.msg if hasattr(e, 'msg') else e}") from None
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in (EXPERIMENTS_DIR / "concepts").glob("*.yaml"))
+
+
+def _yaml(path: Path, what: str) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"{what} file {path} does not exist")
+    return OmegaConf.load(path)
+
+
+def load_config(overrides: list[str] | None = None, base: Path | None = None) -> DictConfig:
+    """The run config: schema <- base.yaml <- experiment recipe <- overrides <- concept presets."""
+    cfg = OmegaConf.structured(RunCfg)
+    cfg = _merge(cfg, _yaml(base or EXPERIMENTS_DIR / "base.yaml", "base config"), "experiments/base.yaml")
+    for o in overrides or []:
+        if "=" not in o:
+            raise ConfigError(f"override {o!r} is not key=value")
+    cli = OmegaConf.from_dotlist(list(overrides or []))
+    recipe = cli.get("experiment") or cfg.experiment
+    if recipe:
+        path = EXPERIMENTS_DIR / f"{recipe}.yaml"
+        cfg = _merge(cfg, _yaml(path, f"experiment {recipe!r}"), str(path))
+    cfg = _merge(cfg, cli, "command-line overrides")
+    names = [c.strip() for c in str(cfg.concept or "").split(",")]
+    if cfg.concept is not None and str(cfg.concept).strip() and any(not n for n in names):
+        raise ConfigError(f"empty concept name in concept={cfg.concept!r}")
+    for n in [n for n in names if n]:
+        path = EXPERIMENTS_DIR / "concepts" / f"{n}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"unknown concept {n!r}: no preset experiments/concepts/{n}.yaml; presets: {presets()}"
+                              " (or give concepts=[{concept: ..., kind: ..., neutral: ...}] in a recipe)")
+        pre = _yaml(path, "concept preset")
+        extra = set(pre.keys()) - {"concepts"}
+        if extra:
+            raise ConfigError(f"concept preset {path} may only set 'concepts', found {sorted(extra)}")
+        merged = _merge(OmegaConf.structured(RunCfg), pre, str(path))
+        cfg.concepts = list(cfg.concepts) + list(merged.concepts)
+    if not cfg.concepts:
+        raise ConfigError("nothing to erase: give concept=<name>[,<name>...] (presets: " + ", ".join(presets()) + ")")
+    OmegaConf.set_struct(cfg, True)
+    return cfg

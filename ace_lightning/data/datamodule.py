@@ -1,0 +1,168 @@
+"""The adversarial prompt-augmentation DataModule (spec §5-6).
+
+At ``setup`` it builds, per concept, augmented erase prompts (templates x {concept, synonyms, mined
+neighbours}) paired with neutral prompts, encodes them once with the frozen text encoder (the adapter
+acts on the encoder's *outputs*, so these never change), pairs target-token positions by the token
+policy, and generates (or loads from the disk cache) frozen-model latents ``x_0``. Each sample is
+deterministic in (seed, index): concept, prompt, latent, timestep and noise.
+Soft-prompt adversarial embeddings are produced during training by the system (``method/attack.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ace_lightning.data.prompts import ErasureRequest, erase_prompts, mine_neighbours, preserve_prompts, template_family
+from ace_lightning.method.text import encode_prompts, find_span, paired_positions, phrase_ids, token_mask
+from ace_lightning.models.sampling import SamplerSettings, generate
+from ace_lightning.registry import build
+
+
+@dataclass
+class ConceptData:
+    request: ErasureRequest
+    prompts: list[str]  # augmented erase prompts
+    phrases: list[str]  # the phrase used in each prompt
+    neutral_prompts: list[str]
+    neighbours: list[str]  # mined neighbour words
+    emb: torch.Tensor  # (n, T, d) encoder outputs of the erase prompts
+    emb_neu: torch.Tensor  # (n, T, d) of the neutral prompts
+    target_mask: torch.Tensor  # (n, T) bool: the policy's target tokens
+    C: torch.Tensor  # (d, n_tok) target-token embeddings (columns)
+    N: torch.Tensor  # (d, n_tok) matching neutral-token embeddings
+    latents: torch.Tensor  # (L, c, h, w) frozen-model x_0 for the concept's prompts
+    ids: torch.Tensor  # (n, T) token ids of the erase prompts (for the soft-prompt attack)
+    span: torch.Tensor  # (n, 2) [start, end) of the phrase in each erase prompt
+
+
+class LatentCache:
+    """Frozen-model latents on disk, one file per (model fingerprint, prompt, seed, sampler settings)."""
+
+    def __init__(self, root: Path, fingerprint: str, settings: SamplerSettings):
+        self.root, self.fingerprint, self.settings = Path(root) / "latents", fingerprint, settings
+
+    def path(self, prompt: str, seed: int) -> Path:
+        key = json.dumps([self.fingerprint, prompt, int(seed), self.settings.as_dict()], sort_keys=True)
+        return self.root / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"
+
+    def get(self, pipe, prompts: list[str], seeds: list[int], batch_size: int = 16) -> torch.Tensor:
+        from ace_lightning.utils import atomic_save
+
+        paths = [self.path(p, s) for p, s in zip(prompts, seeds)]
+        todo = [i for i, p in enumerate(paths) if not p.exists()]
+        if todo:
+            lat = generate(pipe, [prompts[i] for i in todo], [seeds[i] for i in todo], self.settings.steps,
+                           self.settings.guidance, output_type="latent", batch_size=batch_size, eta=self.settings.eta)
+            for i, x in zip(todo, lat):
+                atomic_save(paths[i], lambda tmp, x=x: torch.save(x.clone(), tmp))
+        return torch.stack([torch.load(p, weights_only=True) for p in paths])  # (B, c, h, w)
+
+
+class ErasureDataset(Dataset):
+    """Deterministic random sampling: item ``i`` depends only on (seed, offset + i)."""
+
+    def __init__(self, dm: ErasureDataModule, length: int, offset: int = 0):
+        self.dm, self.length, self.offset = dm, length, offset
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict:
+        dm = self.dm
+        g = torch.Generator().manual_seed(dm.seed * 1_000_003 + self.offset + i)
+        k = int(torch.randint(len(dm.concepts), (1,), generator=g))
+        cd = dm.concepts[k]
+        j = int(torch.randint(len(cd.prompts), (1,), generator=g))
+        lj = int(torch.randint(len(cd.latents), (1,), generator=g))
+        pj = int(torch.randint(len(dm.preserve_latents), (1,), generator=g))
+        t = dm.timesteps(2, generator=g, num_train_timesteps=dm.num_train_timesteps)  # (2,)
+        x0, x0_p = cd.latents[lj], dm.preserve_latents[pj]
+        return {
+            "concept": k,
+            "ids": cd.ids[j], "span": cd.span[j],
+            "emb": cd.emb[j], "emb_neu": cd.emb_neu[j], "target_mask": cd.target_mask[j],
+            "x0": x0, "t": t[0], "noise": torch.randn(x0.shape, generator=g),
+            "emb_p": dm.preserve_emb[pj], "preserve_mask": dm.preserve_mask[pj],
+            "x0_p": x0_p, "t_p": t[1], "noise_p": torch.randn(x0_p.shape, generator=g),
+        }
+
+
+class ErasureDataModule(L.LightningDataModule):
+    def __init__(self, components, requests: list[ErasureRequest], cfg, sampler: SamplerSettings, seed: int,
+                 max_steps: int, fingerprint: str):
+        super().__init__()
+        self.components, self.requests, self.cfg = components, requests, cfg
+        self.sampler, self.seed, self.max_steps, self.fingerprint = sampler, seed, max_steps, fingerprint
+        self.timesteps = build("timesteps", cfg.timesteps)
+        self.num_train_timesteps = components.scheduler.config.num_train_timesteps
+        self.concepts: list[ConceptData] = []
+        self._ready = False
+
+    # -- setup -------------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self._ready:
+            return
+        c, cfg = self.components, self.cfg
+        family = template_family(c.source) if cfg.template_family == "auto" else cfg.template_family
+        self.family = family
+        cache = Path(cfg.cache_dir)
+        self.preserve_prompts = preserve_prompts(self.requests, family, cfg.preserve_prompts, self.seed)
+        if not self.preserve_prompts:
+            raise ValueError("no preserve prompts left after removing those that mention an erased concept")
+        self.preserve_emb, ids = encode_prompts(c.text_encoder, c.tokenizer, self.preserve_prompts)  # (m, T, d)
+        self.preserve_mask = token_mask(ids, c.tokenizer.eos_token_id)  # (m, T)
+        self.P = self.preserve_emb[self.preserve_mask].T.contiguous()  # (d, tokens)
+
+        latents = LatentCache(cache, self.fingerprint, self.sampler)
+        pipe = c.pipeline()
+        self.sampler.apply(pipe)
+        from ace_lightning.method.adapter import bank_of
+
+        bank = bank_of(c.unet)
+        ctx = bank.disabled() if bank is not None else contextlib.nullcontext()
+        with ctx:
+            npres = min(cfg.latents_preserve, len(self.preserve_prompts))
+            self.preserve_latents = latents.get(
+                pipe, self.preserve_prompts[:npres], [self.seed * 7919 + i for i in range(npres)]
+            )
+            self.preserve_emb, self.preserve_mask = self.preserve_emb[:npres], self.preserve_mask[:npres]
+            for req in self.requests:
+                self.concepts.append(self._concept(req, family, cache, latents, pipe))
+        self._ready = True
+
+    def _concept(self, req: ErasureRequest, family: str, cache: Path, latents: LatentCache, pipe) -> ConceptData:
+        c, cfg = self.components, self.cfg
+        nb = mine_neighbours(c.text_encoder, c.tokenizer, req, cfg.neighbours_k, cfg.neighbours_vocab,
+                             self.preserve_prompts + [p for r in self.requests for p in r.phrases], cache)
+        triples = erase_prompts(req, req.phrases + nb, family, cfg.prompts_per_concept, self.seed)
+        prompts, phrases, neutrals = map(list, zip(*triples))
+        emb, ids = encode_prompts(c.text_encoder, c.tokenizer, prompts)  # (n, T, d), (n, T)
+        span = torch.tensor([find_span(r, phrase_ids(c.tokenizer, ph)) for r, ph in zip(ids.tolist(), phrases)])
+        emb_neu, _ = encode_prompts(c.text_encoder, c.tokenizer, neutrals)
+        mask = torch.zeros(emb.shape[:2], dtype=torch.bool)
+        cols_c, cols_n = [], []
+        for i, (p, ph, npr) in enumerate(triples):
+            pc, pn = paired_positions(c.tokenizer, p, ph, npr, req.neutral, cfg.token_policy)
+            mask[i, pc] = True
+            cols_c.append(emb[i, pc])
+            cols_n.append(emb_neu[i, pn])
+        canon = [i for i, ph in enumerate(phrases) if ph == req.concept] or list(range(len(prompts)))
+        lat_prompts = [prompts[canon[i % len(canon)]] for i in range(cfg.latents_per_concept)]
+        x0 = latents.get(pipe, lat_prompts, [self.seed * 104729 + i for i in range(len(lat_prompts))])
+        return ConceptData(req, prompts, phrases, neutrals, nb, emb, emb_neu, mask,
+                           torch.cat(cols_c).T.contiguous(), torch.cat(cols_n).T.contiguous(), x0, ids, span)
+
+    # -- loaders -----------------------------------------------------------------------------------
+    def train_dataloader(self) -> DataLoader:
+        done = self.trainer.global_step if self.trainer is not None else 0  # resume continues the stream
+        n = max(1, self.max_steps - done) * self.cfg.batch_size
+        ds = ErasureDataset(self, n, offset=done * self.cfg.batch_size)
+        return DataLoader(ds, batch_size=self.cfg.batch_size, shuffle=False, num_workers=self.cfg.num_workers)

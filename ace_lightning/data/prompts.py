@@ -1,0 +1,174 @@
+"""Erase requests and prompt augmentation: templates per kind, synonyms, mined neighbour words.
+
+Two template families: ``sd`` (natural-language prompts for Stable Diffusion) and ``toyworld``
+(the phrasing the embedded ToyWorld model was trained on, with colour/style/shape slots).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ace_lightning.registry import ConfigError
+
+KINDS = ("object", "style", "person", "nsfw")
+
+
+@dataclass
+class ErasureRequest:
+    concept: str  # the phrase to erase
+    kind: str = "object"  # object | style | person | nsfw
+    neutral: str = ""  # what it should turn into
+    synonyms: list[str] = field(default_factory=list)  # also mapped to neutral
+    preserve: list[str] = field(default_factory=list)  # extra phrases to keep unchanged
+
+    def __post_init__(self):
+        if not self.concept or not self.concept.strip():
+            raise ConfigError("an erase request needs a non-empty concept")
+        if self.kind not in KINDS:
+            raise ConfigError(f"unknown kind {self.kind!r} for concept {self.concept!r}; valid: {list(KINDS)}")
+        if not self.neutral or not self.neutral.strip():
+            raise ConfigError(f"concept {self.concept!r} needs a non-empty neutral phrase")
+
+    @property
+    def phrases(self) -> list[str]:
+        return [self.concept, *self.synonyms]
+
+
+# {} is the concept phrase; {color}/{style}/{shape} are filled from the family's vocabulary.
+TEMPLATES: dict[str, dict[str, list[str]]] = {
+    "sd": {
+        "object": ["a photo of a {}", "a picture of the {}", "an image of a {}", "a {} in a field", "a close-up photo of a {}",
+                   "a painting of a {}", "a {} on a table", "a blurry photo of a {}", "a {}", "a realistic {}"],
+        "style": ["a painting in the style of {}", "an artwork by {}", "a landscape painted by {}", "a portrait by {}",
+                  "a still life in the style of {}", "art by {}", "a city street, painting by {}", "{} style painting"],
+        "person": ["a photo of {}", "a portrait of {}", "an image of {}", "{} smiling", "a headshot of {}",
+                   "{} on the red carpet", "a painting of {}", "{}"],
+        "nsfw": ["a photo of a {} person", "{}", "a {} woman", "a {} man", "an image with {}", "a {} scene"],
+    },
+    "toyworld": {
+        "object": ["a {}", "a {color} {}", "a {style} {}", "a {color} {style} {}", "a picture of a {color} {}",
+                   "a drawing of a {style} {}", "an image of a {color} {style} {}", "a photo of a {}"],
+        "style": ["a {} {shape}", "a {color} {} {shape}", "a picture of a {} {shape}", "a drawing of a {color} {} {shape}",
+                  "an image of a {} {shape}"],
+        "person": ["{}", "a picture of {}", "a drawing of {}", "an image of {}", "a photo of {}"],
+        "nsfw": ["a {} {shape}"],
+    },
+}
+
+GENERAL_SD_PROMPTS = [
+    "a photo of a dog", "a photo of a cat", "a red sports car on a road", "a bowl of fruit on a table",
+    "a mountain landscape at sunset", "a portrait of an old man", "a city skyline at night", "a cup of coffee",
+    "a sailing boat on the sea", "a forest in autumn", "a child playing with a ball", "a plate of pasta",
+    "an astronaut riding a horse", "a bicycle leaning on a wall", "a house with a garden", "a bird on a branch",
+    "a snowy village", "a woman reading a book", "a bridge over a river", "a vase of flowers",
+    "a train in a station", "a lighthouse on a cliff", "a desert with dunes", "a pair of shoes",
+    "an airplane in the sky", "a wooden chair", "a busy market", "a tiger in the jungle",
+    "a watercolor of a lake", "a clock on a wall", "a guitar on a sofa", "a medieval castle",
+]
+
+
+def template_family(model_source: str) -> str:
+    """``toyworld`` for the embedded model, ``sd`` otherwise."""
+    from ace_lightning.toyworld import PIPELINE_DIR
+
+    return "toyworld" if Path(model_source).resolve() == PIPELINE_DIR.resolve() else "sd"
+
+
+def _fields(family: str) -> dict[str, list[str]]:
+    if family != "toyworld":
+        return {}
+    from ace_lightning.toyworld.world import COLORS, SHAPES, STYLES
+
+    return {"color": list(COLORS), "style": [s for s in STYLES if s != "plain"], "shape": list(SHAPES)}
+
+
+def _fill(template: str, phrase: str, fields: dict[str, list[str]], rng: random.Random) -> str:
+    vals = {k: rng.choice(v) for k, v in fields.items() if "{" + k + "}" in template}
+    return template.replace("{}", "\x00").format(**vals).replace("\x00", phrase)
+
+
+def erase_prompts(req: ErasureRequest, phrases: list[str], family: str, n: int, seed: int) -> list[tuple[str, str, str]]:
+    """``n`` triples (prompt, phrase, neutral prompt): the same template and slots with the neutral phrase."""
+    rng = random.Random(f"{seed}/{req.concept}")
+    templates, fields = TEMPLATES[family][req.kind], _fields(family)
+    out = []
+    for i in range(n):
+        phrase = phrases[i % len(phrases)]  # cycle phrases so every synonym is covered
+        t = rng.choice(templates)
+        state = rng.getstate()
+        p = _fill(t, phrase, fields, rng)
+        rng.setstate(state)  # same slot values for the neutral prompt
+        out.append((p, phrase, _fill(t, req.neutral, fields, rng)))
+    return out
+
+
+def _mentions(prompt: str, phrases: list[str]) -> bool:
+    low = prompt.lower()
+    return any(re.search(r"\b" + re.escape(p.lower()) + r"\b", low) for p in phrases)
+
+
+def preserve_prompts(requests: list[ErasureRequest], family: str, n: int, seed: int) -> list[str]:
+    """General prompts + requested preserve phrases, minus any that mention an erased phrase."""
+    erased = [p for r in requests for p in r.phrases]
+    rng = random.Random(f"{seed}/preserve")
+    if family == "toyworld":
+        from ace_lightning.toyworld.world import CHARACTERS, COLORS, SHAPES, STYLES
+
+        pool = [f"a {c} {st} {sh}" for sh in SHAPES for c in COLORS for st in STYLES]
+        pool += [f"a {sh}" for sh in SHAPES] + [f"a {st} shape" for st in STYLES] + [f"a picture of {c}" for c in CHARACTERS]
+    else:
+        pool = list(GENERAL_SD_PROMPTS)
+    extra = [_fill(rng.choice(TEMPLATES[family][r.kind]), p, _fields(family), rng) for r in requests for p in r.preserve]
+    pool = [p for p in pool if not _mentions(p, erased)]
+    rng.shuffle(pool)
+    return extra + pool[: max(0, n - len(extra))]
+
+
+def mine_neighbours(
+    text_encoder, tokenizer, req: ErasureRequest, k: int, vocab_limit: int, exclude: list[str], cache_dir: Path | None
+) -> list[str]:
+    """The ``k`` vocabulary words whose single-word embedding is nearest (cosine) to the concept's.
+
+    A word is encoded alone; its embedding is the encoder's hidden state at its last token. Words that
+    appear in ``exclude`` (preserve prompts) or in the concept's own phrases are never returned.
+    """
+    if k <= 0:
+        return []
+    from ace_lightning.method.text import encode_prompts, eos_position
+
+    W = text_encoder.get_input_embeddings().weight
+    key = hashlib.sha256(
+        json.dumps([req.concept, k, vocab_limit, sorted(exclude), list(W.shape)]).encode()
+        + W.detach().float().cpu().numpy().tobytes()[:1_000_000]
+    ).hexdigest()[:16]
+    path = cache_dir / f"neighbours_{key}.json" if cache_dir else None
+    if path and path.exists():
+        return json.loads(path.read_text())
+    banned = {w.lower() for p in exclude + req.phrases for w in re.findall(r"[a-z]+", p.lower())}
+    words = []
+    for tok, idx in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
+        if tok.endswith("</w>") and tok[:-4].isalpha() and len(tok) >= 7 and tok[:-4] not in banned:
+            words.append(tok[:-4])
+        if len(words) >= vocab_limit:
+            break
+
+    def emb(texts):
+        h, ids = encode_prompts(text_encoder, tokenizer, texts, batch_size=256)  # (B, T, d)
+        pos = [eos_position(r, tokenizer.eos_token_id) - 1 for r in ids.tolist()]  # last word token
+        e = h[torch.arange(len(texts)), pos]
+        return e / e.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+
+    sims = emb(words) @ emb([req.concept])[0]  # (V,)
+    top = [words[i] for i in sims.topk(min(k, len(words))).indices.tolist()]
+    if path:
+        from ace_lightning.utils import atomic_write_text
+
+        atomic_write_text(path, json.dumps(top))
+    return top

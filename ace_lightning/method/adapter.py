@@ -1,0 +1,176 @@
+"""The gated low-rank adapter (spec §4).
+
+For each edited projection ``W`` and concept k:
+    y = W c + Σ_k g_k(c) · B_k A_k c,     g_k(c) = sigmoid(γ_k (||Q_kᵀ ĉ||² − τ_k)),  ĉ = c / ||c||
+``A_k`` (r x d), ``Q_k``, ``γ_k`` and ``τ_k`` depend only on text space and are shared by every layer;
+``B_k^l`` (o x r) is per layer. All of them live in one :class:`AdapterBank`, so the bank's state dict
+*is* the adapter; the wrapped layers (:class:`GatedLoRALinear`) keep the original as ``base_layer``
+and only hold a reference to the bank. Adapter maths runs in float32 whatever the UNet's dtype.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+
+
+def slug(name: str) -> str:
+    """A ModuleDict-safe key for a concept name (``"Van Gogh" -> "van_gogh"``)."""
+    s = re.sub(r"[^0-9a-zA-Z]+", "_", name.strip().lower()).strip("_")
+    if not s:
+        raise ValueError(f"concept name {name!r} has no letters or digits")
+    return s
+
+
+def layer_key(module_name: str) -> str:
+    return module_name.replace(".", "__")
+
+
+class ConceptAdapter(nn.Module):
+    """One concept: text-space factor A, gate (Q, γ, τ) and the per-layer B factors."""
+
+    def __init__(self, d: int, rank: int, q: int, layer_shapes: dict[str, int]):
+        super().__init__()
+        self.A = nn.Parameter(torch.zeros(rank, d))  # (r, d)
+        self.B = nn.ParameterDict({k: nn.Parameter(torch.zeros(o, rank)) for k, o in layer_shapes.items()})  # (o, r)
+        self.register_buffer("Q", torch.zeros(d, q))  # (d, q) orthonormal columns, fixed
+        self.gamma = nn.Parameter(torch.tensor(1.0))
+        self.tau = nn.Parameter(torch.tensor(0.5))
+
+    def score(self, c: torch.Tensor) -> torch.Tensor:
+        """``||Q_kᵀ ĉ||²`` for c (..., d) -> (...)."""
+        c = c.float()
+        c_hat = c / c.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        return (c_hat @ self.Q).pow(2).sum(-1)
+
+    def gate(self, c: torch.Tensor) -> torch.Tensor:
+        """Token-wise gate in (0, 1) for c (..., d) -> (...)."""
+        return torch.sigmoid(self.gamma * (self.score(c) - self.tau))
+
+
+class AdapterBank(nn.Module):
+    """All concepts' adapters; ``enabled`` switches every wrapped layer back to its base layer."""
+
+    def __init__(self, d: int, layer_shapes: dict[str, int]):
+        super().__init__()
+        self.d = d
+        self.layer_shapes = dict(layer_shapes)  # layer key -> out features
+        self.concepts = nn.ModuleDict()
+        self.enabled = True
+
+    def add_concept(self, name: str, rank: int, q: int) -> ConceptAdapter:
+        key = slug(name)
+        if key in self.concepts:
+            raise ValueError(f"concept {name!r} is already in the adapter")
+        self.concepts[key] = ConceptAdapter(self.d, rank, q, self.layer_shapes)
+        return self.concepts[key]
+
+    def remove_concept(self, name: str) -> None:
+        del self.concepts[slug(name)]
+
+    def __getitem__(self, name: str) -> ConceptAdapter:
+        return self.concepts[slug(name)]
+
+    def delta(self, key: str, c: torch.Tensor) -> torch.Tensor:
+        """``Σ_k g_k(c) B_k A_k c`` for c (B, T, d) -> (B, T, o) in float32."""
+        c = c.float()
+        out = None
+        for ad in self.concepts.values():
+            z = c @ ad.A.T  # (B, T, r)
+            z = z * ad.gate(c).unsqueeze(-1)  # (B, T, r)
+            y = z @ ad.B[key].T  # (B, T, o)
+            out = y if out is None else out + y
+        return out
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Adapters off: every wrapped layer returns ``base_layer(x)`` exactly."""
+        prev, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = prev
+
+
+class GatedLoRALinear(nn.Module):
+    """Wraps a bias-free ``nn.Linear`` of cross-attention; holds the bank by reference only."""
+
+    def __init__(self, base_layer: nn.Linear, bank: AdapterBank, key: str):
+        super().__init__()
+        self.base_layer = base_layer
+        self.key = key
+        object.__setattr__(self, "_bank", bank)  # not a submodule: the bank is saved on its own
+
+    @property
+    def bank(self) -> AdapterBank:
+        return self._bank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (B, T, d)
+        y = self.base_layer(x)  # (B, T, o)
+        if not self._bank.enabled or len(self._bank.concepts) == 0:
+            return y
+        return y + self._bank.delta(self.key, x).to(y.dtype)
+
+
+DEFAULT_TARGETS = ("to_k", "to_v")
+
+
+def find_targets(unet: nn.Module, targets: Iterable[str] = DEFAULT_TARGETS) -> dict[str, nn.Linear]:
+    """Cross-attention projections fed by text tokens: ``*.attn2.<target>`` (name -> Linear)."""
+    targets = tuple(targets)
+    bad = sorted(set(targets) - set(DEFAULT_TARGETS))
+    if bad:
+        raise ValueError(f"adapter targets {bad} are not applied to text tokens; valid: {list(DEFAULT_TARGETS)}")
+    found = {}
+    for name, mod in unet.named_modules():
+        parts = name.split(".")
+        if len(parts) >= 2 and parts[-2] == "attn2" and parts[-1] in targets:
+            if isinstance(mod, GatedLoRALinear):
+                raise RuntimeError("the UNet already carries an ACE adapter; remove it first")
+            if not isinstance(mod, nn.Linear):
+                raise TypeError(f"{name} is {type(mod).__name__}, expected nn.Linear")
+            found[name] = mod
+    if not found:
+        raise ValueError("no cross-attention projections (attn2.to_k / attn2.to_v) found in the UNet")
+    return found
+
+
+def inject(unet: nn.Module, targets: Iterable[str] = DEFAULT_TARGETS) -> AdapterBank:
+    """Wrap every target projection of ``unet``; returns an empty bank (identity until concepts are added)."""
+    found = find_targets(unet, targets)
+    d = {m.in_features for m in found.values()}
+    if len(d) != 1:
+        raise ValueError(f"target projections disagree on the text dimension: {sorted(d)}")
+    bank = AdapterBank(d.pop(), {layer_key(n): m.out_features for n, m in found.items()})
+    for name, mod in found.items():
+        unet.set_submodule(name, GatedLoRALinear(mod, bank, layer_key(name)))
+    unet._ace_bank = bank  # so remove() and apply/remove on pipelines can find it
+    return bank
+
+
+def remove(unet: nn.Module) -> None:
+    """Put every original projection back (outputs then equal the untouched model bit-for-bit)."""
+    for name, mod in list(unet.named_modules()):
+        if isinstance(mod, GatedLoRALinear):
+            unet.set_submodule(name, mod.base_layer)
+    if hasattr(unet, "_ace_bank"):
+        del unet._ace_bank
+
+
+def bank_of(unet: nn.Module) -> AdapterBank | None:
+    return getattr(unet, "_ace_bank", None)
+
+
+def base_weights(unet: nn.Module, targets: Iterable[str] = DEFAULT_TARGETS) -> dict[str, torch.Tensor]:
+    """The frozen projection weights (layer key -> W (o, d)), wrapped or not."""
+    out = {}
+    for name, mod in unet.named_modules():
+        parts = name.split(".")
+        if len(parts) >= 2 and parts[-2] == "attn2" and parts[-1] in tuple(targets):
+            lin = mod.base_layer if isinstance(mod, GatedLoRALinear) else mod
+            out[layer_key(name)] = lin.weight.detach()
+    return out

@@ -1,0 +1,44 @@
+"""Gate directions and calibration (spec §4)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+
+def _unit_cols(X: torch.Tensor) -> torch.Tensor:
+    return X / X.norm(dim=0, keepdim=True).clamp_min(1e-8)
+
+
+def gate_directions(C: torch.Tensor, q: int, P: torch.Tensor | None = None, project_out: int = 0) -> torch.Tensor:
+    """Q (d, q): top-q left singular vectors of the unit target columns C (d, n), optionally after
+    projecting out the top ``project_out`` directions of the unit preserve columns P (d, m)."""
+    X = _unit_cols(C.double())  # (d, n)
+    if project_out > 0 and P is not None and P.numel():
+        Up = torch.linalg.svd(_unit_cols(P.double()), full_matrices=False).U[:, :project_out]  # (d, p)
+        X = X - Up @ (Up.T @ X)
+    U = torch.linalg.svd(X, full_matrices=False).U  # (d, min(d, n))
+    return U[:, : min(q, U.shape[1])].float().contiguous()
+
+
+def scores(Q: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """``||Qᵀ x̂||²`` for columns X (d, n) -> (n,)."""
+    return (Q.T.double() @ _unit_cols(X.double())).pow(2).sum(0).float()
+
+
+def calibrate(s_target: torch.Tensor, s_preserve: torch.Tensor, target_q: float = 0.05, preserve_q: float = 0.99,
+              target_gate: float = 0.95) -> tuple[float, float]:
+    """(γ, τ): τ midway between the targets' ``target_q`` and the preserves' ``preserve_q`` quantiles,
+    γ so that a target at that quantile gates at ``target_gate``."""
+    lo = float(torch.quantile(s_target.double(), target_q))
+    hi = float(torch.quantile(s_preserve.double(), preserve_q)) if s_preserve.numel() else 0.0
+    tau = 0.5 * (lo + hi)
+    gap = lo - tau
+    if gap < 1e-3:
+        warnings.warn(
+            f"gate cannot separate targets from preserves (target q{target_q}={lo:.3f} <= preserve q{preserve_q}={hi:.3f});"
+            " stage 2 will train gamma/tau", stacklevel=2)
+        gap = 1e-2
+    return math.log(target_gate / (1 - target_gate)) / gap, tau

@@ -1,0 +1,127 @@
+"""The ACE training system (spec §5-6): frozen UNet + gated adapter bank; only adapter tensors train.
+
+Frozen predictions come from the *same* UNet with adapters disabled (one UNet in memory).
+The UNet and text encoder are deliberately not submodules: checkpoints hold only the adapter bank.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+from ace_lightning.method.adapter import inject
+from ace_lightning.method.attack import insert_placeholders
+from ace_lightning.method.losses import erase_loss, gate_loss, preserve_loss
+from ace_lightning.registry import build
+
+
+class ErasureSystem(L.LightningModule):
+    def __init__(self, components, adapter_cfg, loss_cfg, optim_cfg, adv_cfg):
+        super().__init__()
+        object.__setattr__(self, "components", components)
+        object.__setattr__(self, "unet", components.unet)
+        object.__setattr__(self, "text_encoder", components.text_encoder)
+        self.noise_scheduler = components.scheduler
+        self.acfg, self.lcfg, self.ocfg, self.adv = adapter_cfg, loss_cfg, optim_cfg, adv_cfg
+        self.bank = inject(components.unet, adapter_cfg.targets)
+        self.concept_keys: list[str] = []
+        self.adv_pool: list[dict] = []
+        self.init_stats: dict = {}
+
+    # -- plumbing ----------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        self.unet.to(self.device)
+        self.text_encoder.to(self.device)
+        dm = self.trainer.datamodule
+        self.concept_keys = [cd.request.concept for cd in dm.concepts]
+
+    def on_fit_start(self) -> None:
+        self.unet.to(self.device)
+        self.text_encoder.to(self.device)
+
+    def configure_optimizers(self):
+        gate_params = [p for ad in self.bank.concepts.values() for p in (ad.gamma, ad.tau) if p.requires_grad]
+        lora_params = [p for ad in self.bank.concepts.values() for p in [ad.A, *ad.B.values()]]
+        groups = [{"params": lora_params, "lr": self.ocfg.lr}]
+        if gate_params:
+            groups.append({"params": gate_params, "lr": self.ocfg.lr_gate})
+        return torch.optim.AdamW(groups, weight_decay=self.ocfg.weight_decay)
+
+    def _unet(self, x, t, c):
+        return self.unet(x.to(self.unet.dtype), t, encoder_hidden_states=c.to(self.unet.dtype)).sample
+
+    # -- the step ----------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        sch = self.noise_scheduler
+        x_t = sch.add_noise(batch["x0"], batch["noise"], batch["t"])  # (B, c, h, w)
+        x_p = sch.add_noise(batch["x0_p"], batch["noise_p"], batch["t_p"])
+        emb, emb_in, emb_neu, t = batch["emb"], batch["emb"], batch["emb_neu"], batch["t"]
+
+        if self.adv.enabled and self.global_step >= self.adv.warmup:
+            if self.global_step % self.adv.every == 0:
+                self._attack(batch, x_t)
+            if self.adv_pool:  # append adversarial rows: same x_t as the batch's first rows
+                g = torch.Generator().manual_seed(self.global_step)
+                picks = torch.randint(len(self.adv_pool), (min(self.adv.rows, len(self.adv_pool)),), generator=g)
+                rows = [self.adv_pool[int(i)] for i in picks]
+                m = len(rows)
+                idx = torch.arange(m) % x_t.shape[0]
+                emb_in = torch.cat([emb_in, torch.stack([r["c_adv"] for r in rows]).to(emb)])
+                emb = torch.cat([emb, torch.stack([r["emb"] for r in rows]).to(emb)])
+                emb_neu = torch.cat([emb_neu, torch.stack([r["emb_neu"] for r in rows]).to(emb)])
+                x_t, t = torch.cat([x_t, x_t[idx]]), torch.cat([t, t[idx]])
+
+        B, Bp = x_t.shape[0], x_p.shape[0]
+        with torch.no_grad(), self.bank.disabled():  # frozen predictions: ε(x_t, c_tgt), ε(x_t, c_neu), ε(x_p, c_p)
+            frozen = self._unet(torch.cat([x_t, x_t, x_p]), torch.cat([t, t, batch["t_p"]]),
+                                torch.cat([emb, emb_neu, batch["emb_p"]]))
+        eps_tgt, eps_neu, eps_p = frozen.split([B, B, Bp])
+        pred = self._unet(torch.cat([x_t, x_p]), torch.cat([t, batch["t_p"]]), torch.cat([emb_in, batch["emb_p"]]))
+        l_erase = erase_loss(pred[:B], eps_tgt, eps_neu, self.lcfg.eta)
+        l_pres = preserve_loss(pred[B:], eps_p)
+
+        # gate: each concept's gate on its own target tokens vs every preserve token
+        pres_tok = batch["emb_p"][batch["preserve_mask"]]  # (m, d)
+        l_gate, g_t_all, g_p_all = 0.0, [], []
+        for k, name in enumerate(self.concept_keys):
+            ad = self.bank[name]
+            rows = batch["concept"] == k
+            tgt_tok = batch["emb"][rows][batch["target_mask"][rows]]  # (n, d)
+            g_p = ad.gate(pres_tok)
+            g_p_all.append(g_p)
+            if tgt_tok.numel():
+                g_t = ad.gate(tgt_tok)
+                g_t_all.append(g_t)
+                l_gate = l_gate + gate_loss(g_t, g_p)
+        l_gate = l_gate / max(1, len(self.concept_keys))
+        loss = l_erase + self.lcfg.alpha_pres * l_pres + self.lcfg.alpha_gate * l_gate
+
+        log = {
+            "train/loss": loss, "train/loss_erase": l_erase, "train/loss_pres": l_pres,
+            "train/loss_gate": torch.as_tensor(l_gate, dtype=torch.float32),
+            "train/gate_target": torch.cat(g_t_all).mean() if g_t_all else torch.tensor(float("nan")),
+            "train/gate_preserve": torch.cat(g_p_all).mean(),
+        }
+        self.log_dict(log, prog_bar=False, on_step=True, on_epoch=False, batch_size=B)
+        self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=B)
+        return loss
+
+    def _attack(self, batch, x_t):
+        """Soft-prompt inner attack on the first ``adv.rows`` rows; results go to the adversarial pool."""
+        n = min(self.adv.rows, x_t.shape[0])
+        with torch.no_grad(), self.bank.disabled():
+            target = self._unet(x_t[:n], batch["t"][:n], batch["emb"][:n])  # ε(x_t, c_tgt), frozen
+        ids, pos = insert_placeholders(batch["ids"][:n], batch["span"][:n], self.adv.n_adv, self.adv.position,
+                                       self.components.tokenizer.eos_token_id)
+        with torch.enable_grad():
+            c_adv, loss = build("attack", {"name": self.adv.name, "steps": self.adv.steps, "lr": self.adv.lr},
+                                unet=self.unet, text_encoder=self.text_encoder, ids=ids.to(self.device), positions=pos,
+                                x_t=x_t[:n], t=batch["t"][:n], eps_target=target)
+        for i in range(n):
+            self.adv_pool.append({"c_adv": c_adv[i], "emb": batch["emb"][i], "emb_neu": batch["emb_neu"][i]})
+        self.adv_pool = self.adv_pool[-self.adv.pool :]
+        self.log("train/adv_attack_loss", loss, on_step=True, batch_size=n)
+
+    # -- checkpoints hold only the adapter -----------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["ace_concepts"] = list(self.concept_keys)

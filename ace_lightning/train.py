@@ -1,0 +1,96 @@
+"""Entry point: ``python -m ace_lightning.train concept=<name>[,<name>] [key=value ...]``.
+
+config -> components, datamodule, system, callbacks, logger, trainer -> fit -> export -> metric dict.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+from omegaconf import OmegaConf
+
+from ace_lightning.callbacks.closed_form import ClosedFormInit
+from ace_lightning.callbacks.image_grid import ImageGrid
+from ace_lightning.config import load_config
+from ace_lightning.data.datamodule import ErasureDataModule
+from ace_lightning.data.prompts import ErasureRequest
+from ace_lightning.export import save_adapter
+from ace_lightning.method.adapter import slug
+from ace_lightning.models.loading import load_components, model_fingerprint
+from ace_lightning.models.sampling import SamplerSettings
+from ace_lightning.registry import ConfigError
+from ace_lightning.systems.erasure import ErasureSystem
+from ace_lightning.utils import atomic_write_json, atomic_write_text
+
+
+def run(cfg) -> dict:
+    t0 = time.perf_counter()
+    L.seed_everything(cfg.seed, workers=True)
+    requests = [ErasureRequest(**OmegaConf.to_container(c)) for c in cfg.concepts]
+    run_dir = Path(cfg.output_dir) / (cfg.name or "+".join(slug(r.concept) for r in requests))
+    ckpt_dir = run_dir / "checkpoints"
+    ckpt = None
+    if cfg.ckpt_path:
+        ckpt = ckpt_dir / "last.ckpt" if cfg.ckpt_path == "last" else Path(cfg.ckpt_path)
+        if not ckpt.is_file():
+            raise FileNotFoundError(f"checkpoint to resume from not found: {ckpt}")
+
+    comps = load_components(cfg.model.path, cfg.model.dtype, cfg.model.device)
+    fingerprint = model_fingerprint(comps.unet, cfg.adapter.targets)
+    sampler = SamplerSettings(**OmegaConf.to_container(cfg.sampler))
+    dm = ErasureDataModule(comps, requests, cfg.data, sampler, cfg.seed, cfg.trainer.max_steps, fingerprint)
+    system = ErasureSystem(comps, cfg.adapter, cfg.loss, cfg.optim, cfg.adv)
+    closed_form = ClosedFormInit(cfg.closed_form, cfg.adapter)
+    callbacks = [
+        closed_form,
+        L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
+                                            every_n_train_steps=cfg.trainer.checkpoint_every),
+    ]
+    if cfg.grid.enabled:
+        callbacks.append(ImageGrid(run_dir / "grid.png", sampler, cfg.grid.seeds, cfg.grid.preserve_prompts))
+    logger = False
+    if cfg.logger.wandb:
+        os.environ.setdefault("WANDB_MODE", cfg.logger.mode)
+        logger = L.pytorch.loggers.WandbLogger(project=cfg.logger.project, save_dir=str(run_dir), name=run_dir.name)
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    t = cfg.trainer
+    trainer = L.Trainer(
+        max_steps=max(t.max_steps, 1), max_epochs=-1, accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
+        precision=t.precision, log_every_n_steps=t.log_every_n_steps, gradient_clip_val=t.gradient_clip_val,
+        enable_progress_bar=t.enable_progress_bar, callbacks=callbacks, logger=logger, default_root_dir=str(run_dir),
+        limit_train_batches=None if t.max_steps > 0 else 0, num_sanity_val_steps=0, enable_model_summary=False,
+    )
+    trainer.fit(system, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
+
+    if trainer.global_rank == 0:
+        config_yaml = OmegaConf.to_yaml(cfg)
+        save_adapter(run_dir / "adapter.safetensors", system.bank, requests, comps.source, fingerprint,
+                     cfg.adapter.targets, config_yaml)
+        atomic_write_text(run_dir / "config.yaml", config_yaml)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+    metrics.update({
+        "closed_form/seconds": float(closed_form.stats.get("_seconds", float("nan"))),
+        "train/global_step": trainer.global_step,
+        "run/seconds": time.perf_counter() - t0,
+    })
+    if trainer.global_rank == 0:
+        atomic_write_json(run_dir / "metrics.json", {"metrics": metrics, "closed_form": closed_form.stats,
+                                                     "run_dir": str(run_dir), "fingerprint": fingerprint})
+        print(f"adapter: {run_dir / 'adapter.safetensors'}")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> dict:
+    try:
+        cfg = load_config(sys.argv[1:] if argv is None else argv)
+    except ConfigError as e:
+        raise SystemExit(f"config error: {e}") from None
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()
