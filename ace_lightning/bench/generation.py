@@ -1,0 +1,199 @@
+"""Generation and scoring as Lightning systems over prompt rows.
+
+Sharding: rows are cut into batches *globally* (per variant, in row order), and batch i goes to rank
+i % world_size. So every image is computed inside the same batch whatever the number of ranks, and with
+one seeded generator per row the PNG files are identical for 1 or N processes. Lightning's own
+distributed sampler is switched off (it would pad shards with duplicates).
+
+- `GenerationSystem.predict_step` generates a batch of one variant (base model, or base + one adapter:
+  adapters are applied and removed as the variant changes); `ImageWriter` (a `BasePredictionWriter`)
+  saves the PNGs atomically and appends each rank's rows to ``rows.rank<r>.jsonl``. Rows whose PNG exists
+  are skipped before batching, which makes runs resumable.
+- `ScoringSystem.test_step` reads the PNGs back (so fresh and resumed runs score identical pixels), runs
+  each scorer once per batch and updates the metric sets of that batch's variant; torchmetrics reduces
+  the states across ranks in `compute()`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ace_lightning.bench.suites import PromptRow
+
+
+def image_path(out_dir: str | Path, row: PromptRow) -> Path:
+    return Path(out_dir) / "images" / row.variant / row.image_name
+
+
+def make_batches(rows: list[PromptRow], batch_size: int) -> list[list[PromptRow]]:
+    """Consecutive rows of the same variant, at most batch_size per batch."""
+    batches: list[list[PromptRow]] = []
+    for r in rows:
+        if batches and batches[-1][0].variant == r.variant and len(batches[-1]) < batch_size:
+            batches[-1].append(r)
+        else:
+            batches.append([r])
+    return batches
+
+
+class RowBatches(Dataset):
+    """Pre-built batches of rows, this rank's share: batches[rank::world_size]."""
+
+    def __init__(self, batches: list[list[PromptRow]], rank: int = 0, world_size: int = 1) -> None:
+        self.batches = batches[rank::world_size]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> list[PromptRow]:
+        return self.batches[i]
+
+
+def _keep(batch):  # module-level so it pickles
+    return batch
+
+
+def row_loader(batches: list[list[PromptRow]], trainer: L.Trainer) -> DataLoader:
+    ds = RowBatches(batches, trainer.global_rank, trainer.world_size)
+    return DataLoader(ds, batch_size=None, shuffle=False, collate_fn=_keep, num_workers=0)
+
+
+def save_png(img: torch.Tensor, path: Path) -> None:
+    """(3, H, W) in [0, 1] -> 8-bit PNG, written to a temp name then renamed (no half-written files)."""
+    arr = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    Image.fromarray(arr).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def load_png(path: Path) -> torch.Tensor:
+    arr = np.asarray(Image.open(path).convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0  # (3, H, W)
+
+
+class GenerationSystem(L.LightningModule):
+    """Generates images for batches of rows; ``variants`` maps a variant name to an adapter path (None = base)."""
+
+    def __init__(self, pipe_factory: Callable[[torch.device], object], variants: dict[str, str | None],
+                 sampler: dict, batches: list[list[PromptRow]]) -> None:
+        super().__init__()
+        self.pipe_factory, self.variants, self.sampler, self.batches = pipe_factory, variants, sampler, batches
+        self.pipe = None
+        self._current: str | None = None
+
+    def setup(self, stage: str) -> None:
+        if self.pipe is None:
+            self.pipe = self.pipe_factory(self.device)
+
+    def predict_dataloader(self) -> DataLoader:
+        return row_loader(self.batches, self.trainer)
+
+    def _use_variant(self, name: str) -> None:
+        if name == self._current:
+            return
+        if self._current is not None and self.variants.get(self._current):
+            from ace_lightning import remove_adapter
+
+            remove_adapter(self.pipe)
+        if self.variants.get(name):
+            from ace_lightning import apply_adapter
+
+            apply_adapter(self.pipe, self.variants[name])
+        self._current = name
+
+    def predict_step(self, batch: list[PromptRow], batch_idx: int) -> dict:
+        from ace_lightning.models.sampling import generate
+
+        self._use_variant(batch[0].variant)
+        t0 = time.perf_counter()
+        images = generate(
+            self.pipe, [r.prompt for r in batch], [r.seed for r in batch], steps=int(self.sampler["steps"]),
+            guidance=float(self.sampler["guidance"]), batch_size=len(batch), progress=False,
+            eta=float(self.sampler.get("eta", 0.0)),
+        )  # (B, 3, H, W) in [0, 1]
+        return {"rows": batch, "images": images, "seconds": time.perf_counter() - t0}
+
+
+class ImageWriter(BasePredictionWriter):
+    """Saves each batch's PNGs and appends its rows to ``rows.rank<r>.jsonl``; records per-rank timing."""
+
+    def __init__(self, out_dir: str | Path) -> None:
+        super().__init__(write_interval="batch")
+        self.out_dir = Path(out_dir)
+        self.n_images, self.seconds = 0, 0.0
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        with open(self.out_dir / f"rows.rank{trainer.global_rank}.jsonl", "a") as f:
+            for row, img in zip(prediction["rows"], prediction["images"], strict=True):
+                save_png(img, image_path(self.out_dir, row))
+                f.write(json.dumps(row.as_dict()) + "\n")
+        self.n_images += len(prediction["rows"])
+        self.seconds += prediction["seconds"]
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        (self.out_dir / f"timing.rank{trainer.global_rank}.json").write_text(
+            json.dumps({"images": self.n_images, "seconds": self.seconds, "threads": torch.get_num_threads()})
+        )
+
+
+class ScoringSystem(L.LightningModule):
+    """Scores every row's PNG: each scorer once per batch, then the metric sets of the batch's variant.
+
+    ``metric_specs``: list of (tag, scorer key, metric factory); one metric instance per (variant, tag).
+    """
+
+    def __init__(self, out_dir: str | Path, scorers: dict[str, nn.Module], metric_specs: list[tuple[str, str, Callable]],
+                 variants: list[str], batches: list[list[PromptRow]]) -> None:
+        super().__init__()
+        self.out_dir, self.batches, self.variants = Path(out_dir), batches, list(variants)
+        self.scorers = nn.ModuleDict(scorers)
+        self.specs = [(tag, skey) for tag, skey, _ in metric_specs]
+        self.metric_sets = nn.ModuleDict({
+            _key(v, tag): factory() for v in self.variants for tag, _, factory in metric_specs
+        })
+        self.results: dict[str, dict[str, float]] = {}
+
+    def test_dataloader(self) -> DataLoader:
+        return row_loader(self.batches, self.trainer)
+
+    def test_step(self, batch: list[PromptRow], batch_idx: int) -> None:
+        images = torch.stack([load_png(image_path(self.out_dir, r)) for r in batch]).to(self.device)
+        prompts = [r.prompt for r in batch]
+        target = torch.tensor([r.target for r in batch], device=self.device)
+        group = torch.tensor([r.group_id for r in batch], device=self.device)
+        outputs = {k: s(images, prompts) for k, s in self.scorers.items()}
+        if any(r.ref for r in batch):  # reference images (FID) travel with the images scorer
+            ref = torch.stack([load_png(Path(r.ref)) for r in batch]).to(self.device)
+            for o in outputs.values():
+                if "images" in o:
+                    o["reference"] = ref
+        variant = batch[0].variant
+        for tag, skey in self.specs:
+            self.metric_sets[_key(variant, tag)].update(outputs[skey], target, group)
+
+    def compute_results(self) -> dict[str, dict[str, float]]:
+        """Every rank must call this (after `trainer.test`), in the same order: compute() all-reduces the
+        states. Not an epoch-end hook, because Lightning skips the hooks of a rank that got no batches."""
+        for v in self.variants:
+            res: dict[str, float] = {}
+            for tag, _ in self.specs:
+                vals = self.metric_sets[_key(v, tag)].compute()
+                res.update({f"bench/{tag + '/' if tag else ''}{k}": float(x) for k, x in vals.items()})
+            self.results[v] = res
+        return self.results
+
+
+def _key(variant: str, tag: str) -> str:
+    return f"{variant}__{tag or 'main'}".replace(".", "_")

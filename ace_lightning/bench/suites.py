@@ -1,0 +1,288 @@
+"""Benchmark suites as data: `benchmarks/suites/<name>.yaml` -> a `Suite` -> prompt rows.
+
+A suite file names a prompt source (registered kind ``"prompt_source"``: ``classes`` or ``csv``), the
+sampler settings, the seeds, and a list of metric sets, each with its scorer (kinds ``"bench_metric"``
+and ``"scorer"``). Every prompt row gets a stable index within the suite (independent of which rows a
+run selects) and its own seed, so the image of (suite, index, seed) is the same in every run.
+"""
+from __future__ import annotations
+
+import csv
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ace_lightning.bench.metrics import GROUPS
+from ace_lightning.bench.scorers import ClassInfo
+from ace_lightning.registry import ConfigError, build, register
+
+SUITES_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "suites"
+
+SUITE_KEYS = {  # key -> what it is (an unknown key in a suite file is an error)
+    "name": "suite name (used in image file names and the output folder)",
+    "description": "one line",
+    "prompts": "prompt source: {name: classes | csv, ...}",
+    "sampler": "{scheduler, steps, guidance, eta}",
+    "images_per_prompt": "images per prompt (seeds seed .. seed + n - 1)",
+    "seed": "first seed",
+    "batch_size": "generation and scoring batch size",
+    "metrics": "list of {name: <metric set>, tag: <optional>, scorer: {name: <scorer>, ...}, ...}",
+    "grid": "{prompts: how many erased prompts to show in the base-vs-erased grid}",
+    "model": "default model (null = ToyWorld)",
+}
+
+
+@dataclass
+class PromptRow:
+    """One image to generate and score."""
+
+    suite: str
+    index: int  # stable prompt index within the suite
+    prompt: str
+    seed: int
+    label: str = ""  # class name ("" when the suite has no classes)
+    target: int = -1  # class index in the suite's class list (-1: none)
+    group: str = "other"  # one of metrics.GROUPS
+    ref: str | None = None  # reference image path (FID)
+    variant: str = "base"  # which model generated it: "base" or an adapter's name
+
+    @property
+    def group_id(self) -> int:
+        return GROUPS.index(self.group)
+
+    @property
+    def image_name(self) -> str:
+        return f"{self.suite}-p{self.index:05d}-s{self.seed}.png"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Selection:
+    """Run-time choices that select rows (from the run's key=value overrides)."""
+
+    erased: list[str] | None = None  # erased classes (default: the suite's, or the adapters' concepts)
+    classes: list[str] | None = None  # generate only these classes (zero-shot stays over all of them)
+    templates: int | None = None  # use only the first n templates
+    limit: int | None = None  # only the first n prompts (csv suites)
+    csv: str | None = None  # the prompt CSV (csv suites)
+    images_per_prompt: int = 1
+    seed: int = 0
+
+
+# ---- prompt sources --------------------------------------------------------------------------------
+@register("class_source", "toyworld_shapes")
+def _toy_shapes() -> dict[str, list[str]]:
+    from ace_lightning.toyworld.world import SHAPES
+
+    return {k: list(v) for k, v in SHAPES.items()}
+
+
+@register("class_source", "toyworld_styles")
+def _toy_styles() -> dict[str, list[str]]:
+    from ace_lightning.toyworld.world import STYLES
+
+    return {k: list(v) for k, v in STYLES.items()}
+
+
+@register("class_source", "toyworld_characters")
+def _toy_characters() -> dict[str, list[str]]:
+    from ace_lightning.toyworld.world import CHARACTERS
+
+    return {k: [] for k in CHARACTERS}
+
+
+def _read_list(path: Path) -> list[str]:
+    if not path.is_file():
+        raise ConfigError(f"name list file {path} not found")
+    lines = [ln.split("#", 1)[0].strip() for ln in path.read_text().splitlines()]
+    return [ln for ln in lines if ln]
+
+
+@register("prompt_source", "classes")
+class ClassPrompts:
+    """Prompts ``template.format(name)`` for every class, its synonyms and every template.
+
+    Classes come from exactly one of: ``classes`` (inline ``{name: [synonyms]}``), ``class_source`` (a
+    registered function, e.g. ``toyworld_shapes``), or ``erased_file`` + ``retained_file`` (one name per
+    line; the classes are their union and the erased file gives the default erased set).
+    Groups: an erased class's own name -> ``erased``, its synonyms -> ``synonym``; other classes ->
+    ``retained`` (their synonyms -> ``other``, generated only with ``retained_synonyms: true``).
+    """
+
+    def __init__(self, templates: list[str], classes: dict[str, list[str]] | None = None,
+                 class_source: str | None = None, erased_file: str | None = None, retained_file: str | None = None,
+                 erased: list[str] | None = None, synonyms: bool = True, retained_synonyms: bool = False,
+                 base_dir: str = ".") -> None:
+        given = [x is not None for x in (classes, class_source, erased_file)]
+        if sum(given) != 1:
+            raise ConfigError("prompts: give exactly one of classes, class_source, erased_file(+retained_file)")
+        if erased_file is not None:
+            base = Path(base_dir)
+            er = _read_list(base / erased_file)
+            re_ = _read_list(base / retained_file) if retained_file else []
+            dup = sorted(set(er) & set(re_))
+            if dup:
+                raise ConfigError(f"names in both the erased and the retained list: {dup}")
+            classes, erased = {n: [] for n in er + re_}, (erased if erased is not None else er)
+        elif class_source is not None:
+            classes = build("class_source", class_source)
+        self.classes: dict[str, list[str]] = {str(k): [str(s) for s in (v or [])] for k, v in classes.items()}
+        self.templates = list(templates)
+        self.default_erased = list(erased or [])
+        self.synonyms, self.retained_synonyms = synonyms, retained_synonyms
+        self._check(self.default_erased)
+
+    def _check(self, names: list[str]) -> None:
+        bad = [n for n in names if n not in self.classes]
+        if bad:
+            raise ConfigError(f"unknown class(es) {bad}; valid: {list(self.classes)}")
+
+    def class_info(self) -> ClassInfo:
+        return ClassInfo(names=list(self.classes), texts=list(self.classes))
+
+    def resolve_erased(self, erased: list[str] | None) -> list[str]:
+        out = self.default_erased if erased is None else erased
+        self._check(out)
+        return list(out)
+
+    def rows(self, suite: str, sel: Selection) -> list[PromptRow]:
+        if sel.csv is not None or sel.limit is not None:
+            raise ConfigError(f"suite {suite!r} builds prompts from classes; csv= and limit= do not apply")
+        erased = set(self.resolve_erased(sel.erased))
+        wanted = set(sel.classes) if sel.classes else None
+        if wanted:
+            self._check(sorted(wanted))
+        templates = self.templates[: sel.templates] if sel.templates else self.templates
+        rows, index = [], 0
+        for target, (name, syns) in enumerate(self.classes.items()):
+            for j, phrase in enumerate([name] + (syns if self.synonyms else [])):
+                is_syn = j > 0
+                group = ("synonym" if is_syn else "erased") if name in erased else ("other" if is_syn else "retained")
+                for t_i, tmpl in enumerate(self.templates):
+                    idx, index = index, index + 1  # counted over everything: stable across selections
+                    if t_i >= len(templates) or (wanted is not None and name not in wanted):
+                        continue
+                    if group == "other" and not self.retained_synonyms:
+                        continue
+                    prompt = tmpl.format(phrase)
+                    rows += [PromptRow(suite, idx, prompt, sel.seed + k, name, target, group)
+                             for k in range(sel.images_per_prompt)]
+        return rows
+
+
+@register("prompt_source", "csv")
+class CsvPrompts:
+    """Prompts from a user-given CSV (``csv=`` at run time): I2P, COCO captions, ...
+
+    ``seed_column`` gives each prompt its own seed (I2P's ``evaluation_seed``), else run seeds are used;
+    ``ref_column`` + ``ref_dir`` give a reference image per prompt (COCO, for FID).
+    """
+
+    def __init__(self, prompt_column: str = "prompt", seed_column: str | None = None, ref_column: str | None = None,
+                 ref_dir: str | None = None, missing: str = "this suite needs a prompt CSV: pass csv=<path>",
+                 base_dir: str = ".") -> None:
+        self.prompt_column, self.seed_column = prompt_column, seed_column
+        self.ref_column, self.ref_dir, self.missing = ref_column, ref_dir, missing
+
+    def class_info(self) -> None:
+        return None
+
+    def resolve_erased(self, erased: list[str] | None) -> list[str]:
+        return list(erased or [])
+
+    def rows(self, suite: str, sel: Selection) -> list[PromptRow]:
+        if not sel.csv:
+            raise ConfigError(f"suite {suite!r} refuses to run without its CSV: {self.missing}")
+        path = Path(sel.csv).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"suite {suite!r}: CSV {path} not found. {self.missing}")
+        if sel.classes or sel.templates:
+            raise ConfigError(f"suite {suite!r} reads prompts from a CSV; classes= and templates= do not apply")
+        with open(path, newline="", encoding="utf-8") as f:
+            table = list(csv.DictReader(f))
+        if table and self.prompt_column not in table[0]:
+            raise ConfigError(f"{path}: no column {self.prompt_column!r}; columns: {list(table[0])}")
+        rows = []
+        for i, rec in enumerate(table[: sel.limit] if sel.limit else table):
+            ref = None
+            if self.ref_column:
+                ref = str(Path(self.ref_dir or path.parent) / rec[self.ref_column])
+            seeds = ([int(float(rec[self.seed_column])) + k for k in range(sel.images_per_prompt)] if self.seed_column
+                     else [sel.seed + k for k in range(sel.images_per_prompt)])
+            rows += [PromptRow(suite, i, rec[self.prompt_column], s, group="other", ref=ref) for s in seeds]
+        return rows
+
+
+# ---- the suite -------------------------------------------------------------------------------------
+@dataclass
+class Suite:
+    name: str
+    path: str
+    prompts: Any  # a built prompt source
+    prompts_cfg: dict
+    sampler: dict
+    images_per_prompt: int
+    seed: int
+    batch_size: int
+    metrics: list[dict]
+    description: str = ""
+    grid: dict = field(default_factory=lambda: {"prompts": 4})
+    model: str | None = None
+
+    @property
+    def classes(self) -> ClassInfo | None:
+        return self.prompts.class_info()
+
+    def rows(self, sel: Selection) -> list[PromptRow]:
+        return self.prompts.rows(self.name, sel)
+
+    def with_metric_overrides(self, overrides: dict[str, Any]) -> Suite:
+        """Set scorer/metric keys (e.g. ``pretrained``) wherever a metric or its scorer config has them."""
+        metrics = []
+        for m in self.metrics:
+            m = {**m, "scorer": dict(m["scorer"])}
+            for k, v in overrides.items():
+                if v is None:
+                    continue
+                if k in m["scorer"]:
+                    m["scorer"][k] = v
+                elif k in m:
+                    m[k] = v
+            metrics.append(m)
+        return replace(self, metrics=metrics)
+
+
+def suite_names() -> list[str]:
+    return sorted(p.stem for p in SUITES_DIR.glob("*.yaml"))
+
+
+def load_suite(name_or_path: str) -> Suite:
+    """Load ``benchmarks/suites/<name>.yaml`` (or a YAML path) and build its prompt source."""
+    p = Path(name_or_path)
+    if p.suffix not in (".yaml", ".yml"):
+        p = SUITES_DIR / f"{name_or_path}.yaml"
+        if not p.is_file():
+            raise ConfigError(f"unknown suite {name_or_path!r}; valid: {', '.join(suite_names())} (or a .yaml path)")
+    elif not p.is_file():
+        raise ConfigError(f"suite file {p} not found")
+    cfg = yaml.safe_load(p.read_text()) or {}
+    bad = sorted(set(cfg) - set(SUITE_KEYS))
+    if bad:
+        raise ConfigError(f"{p}: unknown key(s) {bad}; valid keys: {sorted(SUITE_KEYS)}")
+    for k in ("name", "prompts", "sampler", "metrics"):
+        if k not in cfg:
+            raise ConfigError(f"{p}: missing key {k!r} ({SUITE_KEYS[k]})")
+    for m in cfg["metrics"]:
+        if "name" not in m or "scorer" not in m:
+            raise ConfigError(f"{p}: each metrics entry needs name and scorer; got {m}")
+    source = build("prompt_source", cfg["prompts"], base_dir=str(p.parent))
+    return Suite(
+        name=cfg["name"], path=str(p), prompts=source, prompts_cfg=dict(cfg["prompts"]), sampler=dict(cfg["sampler"]),
+        images_per_prompt=int(cfg.get("images_per_prompt", 1)), seed=int(cfg.get("seed", 0)),
+        batch_size=int(cfg.get("batch_size", 16)), metrics=list(cfg["metrics"]), description=cfg.get("description", ""),
+        grid=dict(cfg.get("grid", {"prompts": 4})), model=cfg.get("model"),
+    )
