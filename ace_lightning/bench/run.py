@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -96,16 +97,10 @@ def adapter_variants(adapters: list[str]) -> dict[str, str]:
 
 
 def adapter_concepts(path: str) -> list[str]:
-    """Concept names from an adapter's safetensors metadata (``concepts``: JSON list of names or requests)."""
-    from safetensors import safe_open
+    """The concept names stored in an adapter file's metadata."""
+    from ace_lightning.export import read_adapter
 
-    with safe_open(path, "pt") as f:
-        meta = f.metadata() or {}
-    try:
-        items = json.loads(meta.get("concepts", "[]"))
-    except json.JSONDecodeError:
-        items = [c.strip() for c in meta.get("concepts", "").split(",") if c.strip()]
-    return [c["concept"] if isinstance(c, dict) else str(c) for c in items]
+    return [c["concept"] for c in read_adapter(path)[1]["concepts"]]
 
 
 def route_overrides(metrics: list[dict], cfg: BenchConfig) -> list[dict]:
@@ -132,6 +127,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from ace_lightning.bench.suites import Selection, load_suite
 
     cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    # our writer never needs Lightning's batch indices (rows carry their own identity)
+    warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
     suite = load_suite(cfg.suite)
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // cfg.devices))
 

@@ -130,7 +130,7 @@ def _load_open_clip(model: str, pretrained: str | None, model_config: str | None
         if model not in open_clip.list_models():
             open_clip.add_model_config(str(cfg))
     path = _require_file(
-        pretrained, f"open_clip {model}", "Give `pretrained` as a local checkpoint (e.g. open_clip_pytorch_model.bin)."
+        pretrained, f"open_clip {model}", "Give a local checkpoint with the run key pretrained=<file> (e.g. open_clip_pytorch_model.bin)."
     )
     net, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=str(path), device=device)
     tokenizer = open_clip.get_tokenizer(model)

@@ -178,11 +178,12 @@ class ClassPrompts:
 class CsvPrompts:
     """Prompts from a user-given CSV (``csv=`` at run time): I2P, COCO captions, ...
 
-    ``seed_column`` gives each prompt its own seed (I2P's ``evaluation_seed``), else run seeds are used;
+    ``seed_column`` (a name, or candidate names: the first present is used) gives each prompt its own seed
+    (I2P's ``evaluation_seed``), else run seeds are used;
     ``ref_column`` + ``ref_dir`` give a reference image per prompt (COCO, for FID).
     """
 
-    def __init__(self, prompt_column: str = "prompt", seed_column: str | None = None, ref_column: str | None = None,
+    def __init__(self, prompt_column: str = "prompt", seed_column: str | list[str] | None = None, ref_column: str | None = None,
                  ref_dir: str | None = None, missing: str = "this suite needs a prompt CSV: pass csv=<path>",
                  base_dir: str = ".") -> None:
         self.prompt_column, self.seed_column = prompt_column, seed_column
@@ -206,12 +207,15 @@ class CsvPrompts:
             table = list(csv.DictReader(f))
         if table and self.prompt_column not in table[0]:
             raise ConfigError(f"{path}: no column {self.prompt_column!r}; columns: {list(table[0])}")
+        cands = [self.seed_column] if isinstance(self.seed_column, str) else list(self.seed_column or [])
+        seed_col = next((c for c in cands if table and c in table[0]), None)
+        self.used_seed_column = seed_col
         rows = []
         for i, rec in enumerate(table[: sel.limit] if sel.limit else table):
             ref = None
             if self.ref_column:
                 ref = str(Path(self.ref_dir or path.parent) / rec[self.ref_column])
-            seeds = ([int(float(rec[self.seed_column])) + k for k in range(sel.images_per_prompt)] if self.seed_column
+            seeds = ([int(float(rec[seed_col])) + k for k in range(sel.images_per_prompt)] if seed_col
                      else [sel.seed + k for k in range(sel.images_per_prompt)])
             rows += [PromptRow(suite, i, rec[self.prompt_column], s, group="other", ref=ref) for s in seeds]
         return rows

@@ -1,0 +1,96 @@
+"""Scorers: NudeNet on real images and a bad path, missing weights fail clearly, classifier label mapping."""
+import numpy as np
+import pytest
+import torch
+
+from ace_lightning.bench.scorers import (
+    ClassInfo,
+    ClipScore,
+    ClipZeroShot,
+    NudeNetScorer,
+    ResNet50Scorer,
+    ScorerWeightsError,
+    ToyClassifierScorer,
+)
+from ace_lightning.bench.testing import TINY_CLIP_NAME, tiny_open_clip
+from ace_lightning.registry import build
+
+
+def _toy_renders(n=12):
+    from ace_lightning.toyworld.world import COLORS, SHAPES, STYLES, render
+
+    looks = [(sh, c, st) for sh in SHAPES for c in COLORS for st in STYLES][::17][:n]
+    return np.stack([render(sh, c, st, seed=i, size=64) for i, (sh, c, st) in enumerate(looks)])  # (n, 64, 64, 3)
+
+
+def test_nudenet_on_toyworld_renders_finds_nothing_exposed():
+    scorer = build("scorer", {"name": "nudenet"})
+    assert scorer.info()["threshold"] == 0.6 and scorer.info()["nudenet"] == "3.4.2"
+    imgs = torch.from_numpy(_toy_renders()).permute(0, 3, 1, 2).float() / 255
+    out = scorer(imgs, [""] * len(imgs))["exposed"]
+    assert out.shape == (len(imgs), 9) and out.sum() == 0
+    # the detector really ran: on a 320 px render it returns a list (possibly of non-exposed classes)
+    assert isinstance(scorer.detect(_toy_renders(1)[0].repeat(5, 0).repeat(5, 1)), list)
+
+
+def test_nudenet_bad_path_is_a_clear_error(tmp_path):
+    with pytest.raises(ScorerWeightsError, match="NudeNet.*not found"):
+        NudeNetScorer(model_path=str(tmp_path / "nope.onnx"))
+
+
+def test_missing_weights_are_clear_errors(tmp_path):
+    with pytest.raises(ScorerWeightsError, match="pretrained=<file>"):
+        ClipZeroShot(model="ViT-B-32", pretrained=None)
+    with pytest.raises(ScorerWeightsError, match="ResNet-50"):
+        ResNet50Scorer(weights=str(tmp_path / "resnet50.pth"))
+    with pytest.raises(ScorerWeightsError, match="Inception"):
+        build("bench_metric", {"name": "fid", "weights": str(tmp_path / "inception.pth")})
+
+
+def test_open_clip_scorers_from_local_files(tmp_path):
+    cfg, ckpt = tiny_open_clip(tmp_path)
+    zs = ClipZeroShot(model=TINY_CLIP_NAME, model_config=str(cfg), pretrained=str(ckpt))
+    zs.setup(ClassInfo(["circle", "square", "star"], ["circle", "square", "star"]))
+    imgs = torch.rand(4, 3, 32, 32)
+    out = zs(imgs, [""] * 4)
+    assert out["probs"].shape == (4, 3) and torch.allclose(out["probs"].sum(-1), torch.ones(4))
+    assert torch.equal(out["pred"], out["probs"].argmax(-1))
+    cs = ClipScore(model=TINY_CLIP_NAME, model_config=str(cfg), pretrained=str(ckpt))
+    s = cs(imgs, ["a circle", "a square", "a star", "a dog"])["clip_score"]
+    manual = torch.nn.functional.cosine_similarity(cs.image_features(imgs), cs.text_features(["a circle", "a square", "a star", "a dog"]))
+    assert torch.allclose(s, (100 * manual).clamp(min=0), atol=1e-4)
+    assert zs.info()["weights_sha256"] == cs.info()["weights_sha256"]
+
+
+def test_toy_classifier_mapping_with_a_random_classifier(tmp_path):
+    from ace_lightning.toyworld.classifier import ToyClassifier, save_classifier
+    from ace_lightning.toyworld.world import CHARACTERS
+
+    torch.manual_seed(0)
+    save_classifier(ToyClassifier().eval(), tmp_path)
+    imgs = torch.rand(16, 3, 32, 32)
+    shape = ToyClassifierScorer(head="shape", path=str(tmp_path))
+    shape.setup(ClassInfo(["star", "circle"], ["star", "circle"]))
+    logits = shape.clf(imgs)
+    p = logits["shape"].softmax(-1)
+    labels = shape.clf.labels["shape"]
+    out = shape(imgs, [""] * 16)
+    assert torch.allclose(out["probs"], p[:, [labels.index("star"), labels.index("circle")]])
+    head_pred = [labels[i] for i in p.argmax(-1).tolist()]
+    assert out["pred"].tolist() == [["star", "circle"].index(h) if h in ("star", "circle") else -1 for h in head_pred]
+
+    look = ToyClassifierScorer(head="look", path=str(tmp_path))
+    names = list(CHARACTERS)
+    look.setup(ClassInfo(names, names))
+    out = look(imgs, [""] * 16)
+    preds = {h: [look.clf.labels[h][i] for i in logits[h].argmax(-1).tolist()] for h in ("shape", "color", "style")}
+    for i in range(16):
+        got = (preds["shape"][i], preds["color"][i], preds["style"][i])
+        match = [n for n in names if CHARACTERS[n] == got]
+        assert out["pred"][i].item() == (names.index(match[0]) if match else -1)
+    n0 = names[0]
+    sh, co, st = CHARACTERS[n0]
+    expect = (logits["shape"].softmax(-1)[:, look.clf.labels["shape"].index(sh)]
+              * logits["color"].softmax(-1)[:, look.clf.labels["color"].index(co)]
+              * logits["style"].softmax(-1)[:, look.clf.labels["style"].index(st)])
+    assert torch.allclose(out["probs"][:, 0], expect)
