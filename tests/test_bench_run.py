@@ -145,3 +145,47 @@ def test_several_adapters_in_one_run(one_process_run, tiny_suite, tiny_model_dir
     ref = _pngs(one_process_run)
     assert all(ref[k] == v for k, v in base.items() if k in ref)  # ...and removing them restores the base model
     assert any(k in ref for k in base)
+
+
+@pytest.fixture(scope="module")
+def random_inception(tmp_path_factory):
+    """torch-fidelity's Inception v3 architecture with random weights, saved as a local weights file."""
+    from unittest import mock
+
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    path = tmp_path_factory.mktemp("inception") / "inception_random.pth"
+    torch.manual_seed(0)
+    with mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None), \
+            mock.patch("torch.load", lambda *a, **k: {}):
+        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path="unused")
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def test_coco_suite_with_fid_and_clip_score(tiny_model_dir, random_inception, tmp_path):
+    """The shipped coco suite on a 4-caption CSV with reference images: FID + CLIP score, settings recorded."""
+    from PIL import Image
+
+    cfg, ckpt = tiny_open_clip(tmp_path / "clip")
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    lines = ["caption,file_name"]
+    for i in range(4):
+        Image.fromarray((torch.rand(32, 32, 3) * 255).byte().numpy()).save(refs / f"{i}.png")
+        lines.append(f"a photo number {i},{i}.png")
+    (refs / "captions.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "coco"
+    # the suite file's clip scorer names ViT-L-14; clip_model/pretrained route the tiny CLIP in, the tiny
+    # model config travels through a one-off suite copy (model_config is not a run key)
+    suite = yaml.safe_load((Path(__file__).parents[1] / "benchmarks/suites/coco.yaml").read_text())
+    suite["metrics"][1]["scorer"]["model_config"] = str(cfg)
+    suite["sampler"]["steps"] = 2
+    (tmp_path / "coco.yaml").write_text(yaml.safe_dump(suite))
+    res = _run(tmp_path / "coco.yaml", tiny_model_dir, out, f"csv={refs / 'captions.csv'}", f"fid_weights={random_inception}",
+               f"clip_model={TINY_CLIP_NAME}", f"pretrained={ckpt}", "antialias=false")
+    assert res["bench/FID"] > 0 and 0 <= res["bench/CLIP_score"] <= 100 and res["bench/n_images"] == 4
+    m = json.loads((out / "metrics.json").read_text())
+    fid = next(x for x in m["settings"]["metrics"] if x["name"] == "fid")
+    assert fid["antialias"] is False and fid["weights"] == str(random_inception)
+    assert m["settings"]["csv"] == str(refs / "captions.csv")

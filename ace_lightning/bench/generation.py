@@ -161,7 +161,7 @@ class ScoringSystem(L.LightningModule):
         self.scorers = nn.ModuleDict(scorers)
         self.specs = [(tag, skey) for tag, skey, _ in metric_specs]
         self.metric_sets = nn.ModuleDict({
-            _key(v, tag): factory() for v in self.variants for tag, _, factory in metric_specs
+            _key(v, i): factory() for v in self.variants for i, (_, _, factory) in enumerate(metric_specs)
         })
         self.results: dict[str, dict[str, float]] = {}
 
@@ -180,20 +180,20 @@ class ScoringSystem(L.LightningModule):
                 if "images" in o:
                     o["reference"] = ref
         variant = batch[0].variant
-        for tag, skey in self.specs:
-            self.metric_sets[_key(variant, tag)].update(outputs[skey], target, group)
+        for i, (_, skey) in enumerate(self.specs):
+            self.metric_sets[_key(variant, i)].update(outputs[skey], target, group)
 
     def compute_results(self) -> dict[str, dict[str, float]]:
         """Every rank must call this (after `trainer.test`), in the same order: compute() all-reduces the
         states. Not an epoch-end hook, because Lightning skips the hooks of a rank that got no batches."""
         for v in self.variants:
             res: dict[str, float] = {}
-            for tag, _ in self.specs:
-                vals = self.metric_sets[_key(v, tag)].compute()
+            for i, (tag, _) in enumerate(self.specs):
+                vals = self.metric_sets[_key(v, i)].compute()
                 res.update({f"bench/{tag + '/' if tag else ''}{k}": float(x) for k, x in vals.items()})
             self.results[v] = res
         return self.results
 
 
-def _key(variant: str, tag: str) -> str:
-    return f"{variant}__{tag or 'main'}".replace(".", "_")
+def _key(variant: str, i: int) -> str:
+    return f"{variant}__{i}".replace(".", "_")

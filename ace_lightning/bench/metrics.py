@@ -207,8 +207,8 @@ class FID(Metric):
 
         if not weights or not Path(weights).is_file():
             raise ScorerWeightsError(
-                f"FID needs torch-fidelity's Inception weights as a local file (weights=...); {weights!r} does not "
-                "exist. Download 'weights-inception-2015-12-05-6726825d.pth' on a machine with network access."
+                f"FID needs torch-fidelity's Inception weights as a local file (run key fid_weights=<file>); "
+                f"{weights!r} does not exist. Download 'weights-inception-2015-12-05-6726825d.pth' on a machine with network access."
             )
         self.settings = {"weights": str(weights), "antialias": antialias, "feature": feature}
         self.fid = FrechetInceptionDistance(

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ace_lightning.registry import ConfigError, accepted_kwargs, build, lookup
+from ace_lightning.registry import ConfigError, build, lookup
 
 
 @dataclass
@@ -103,6 +103,14 @@ def adapter_concepts(path: str) -> list[str]:
     return [c["concept"] for c in read_adapter(path)[1]["concepts"]]
 
 
+def _named_params(fn) -> list[str]:
+    """Named constructor arguments (ignoring **kwargs, which torchmetrics' Metric options go through)."""
+    import inspect
+
+    return [p.name for p in inspect.signature(fn).parameters.values()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
 def route_overrides(metrics: list[dict], cfg: BenchConfig) -> list[dict]:
     """Put run keys (pretrained=, threshold=, ...) into every scorer / metric set whose constructor takes them."""
     out = []
@@ -113,7 +121,7 @@ def route_overrides(metrics: list[dict], cfg: BenchConfig) -> list[dict]:
             if val is None:
                 continue
             target = m["scorer"] if kind == "scorer" else m
-            if arg in (accepted_kwargs(lookup(kind, target["name"])) or []):
+            if arg in _named_params(lookup(kind, target["name"])):
                 target[arg] = val
         out.append(m)
     return out

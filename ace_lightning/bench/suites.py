@@ -283,6 +283,9 @@ def load_suite(name_or_path: str) -> Suite:
     for m in cfg["metrics"]:
         if "name" not in m or "scorer" not in m:
             raise ConfigError(f"{p}: each metrics entry needs name and scorer; got {m}")
+    pairs = [(m["name"], m.get("tag", "")) for m in cfg["metrics"]]
+    if len(set(pairs)) != len(pairs):
+        raise ConfigError(f"{p}: the same metric set twice with the same tag would overwrite its numbers: {pairs}")
     source = build("prompt_source", cfg["prompts"], base_dir=str(p.parent))
     return Suite(
         name=cfg["name"], path=str(p), prompts=source, prompts_cfg=dict(cfg["prompts"]), sampler=dict(cfg["sampler"]),
