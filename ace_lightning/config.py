@@ -133,7 +133,7 @@ class LoggerCfg:
 
 @dataclass
 class RunCfg:
-    concept: str = ""
+    concept: str | None = ""
     experiment: str = ""
     concepts: list[RequestCfg] = field(default_factory=list)
     name: str | None = None

@@ -14,6 +14,21 @@ from typing import Any
 
 _REGISTRY: dict[str, dict[str, Callable[..., Any]]] = {}
 
+# Where each kind's entries are defined: imported on first use, so ``build`` works from anywhere.
+PROVIDERS: dict[str, list[str]] = {
+    "token_policy": ["ace_lightning.method.text"],
+    "timesteps": ["ace_lightning.method.losses"],
+    "attack": ["ace_lightning.method.attack"],
+    "sampler": ["ace_lightning.models.sampling"],
+}
+
+
+def _load(kind: str) -> None:
+    import importlib
+
+    for mod in PROVIDERS.get(kind, []):
+        importlib.import_module(mod)
+
 
 class ConfigError(ValueError):
     """A configuration names something that does not exist (key, name, file)."""
@@ -34,10 +49,12 @@ def register(kind: str, name: str) -> Callable[[Callable[..., Any]], Callable[..
 
 def names(kind: str) -> list[str]:
     """The registered names of ``kind``, sorted."""
+    _load(kind)
     return sorted(_REGISTRY.get(kind, {}))
 
 
 def lookup(kind: str, name: str) -> Callable[..., Any]:
+    _load(kind)
     table = _REGISTRY.get(kind, {})
     if name not in table:
         raise ConfigError(f"unknown {kind} {name!r}; valid: {', '.join(names(kind)) or '(none registered)'}")

@@ -20,7 +20,13 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ace_lightning.data.prompts import ErasureRequest, erase_prompts, mine_neighbours, preserve_prompts, template_family
+from ace_lightning.data.prompts import (
+    ErasureRequest,
+    erase_prompts,
+    mine_neighbours,
+    preserve_prompts,
+    template_family,
+)
 from ace_lightning.method.text import encode_prompts, find_span, paired_positions, phrase_ids, token_mask
 from ace_lightning.models.sampling import SamplerSettings, generate
 from ace_lightning.registry import build

@@ -153,7 +153,7 @@ def mine_neighbours(
         return json.loads(path.read_text())
     banned = {w.lower() for p in exclude + req.phrases for w in re.findall(r"[a-z]+", p.lower())}
     words = []
-    for tok, idx in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
+    for tok, _idx in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
         if tok.endswith("</w>") and tok[:-4].isalpha() and len(tok) >= 7 and tok[:-4] not in banned:
             words.append(tok[:-4])
         if len(words) >= vocab_limit:

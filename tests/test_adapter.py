@@ -1,0 +1,130 @@
+"""Adapter contract (spec §4, §7): identity at B=0, exact disable, apply->remove bit-for-bit, save->load."""
+
+import pytest
+import torch
+
+from ace_lightning.method import gate as G
+from ace_lightning.method.adapter import bank_of, base_weights, inject, remove
+from ace_lightning.method.closed_form import preserve_factor, solve_concept
+
+
+def _unet_out(unet, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    c = torch.randn(2, 16, unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        return unet(x, torch.tensor([10, 500]), encoder_hidden_states=c).sample, c
+
+
+def _fill(bank, unet, name="dog", seed=1, rank=3):
+    """A concept with deliberately non-zero A and B (closed form on random embeddings)."""
+    g = torch.Generator().manual_seed(seed)
+    d = bank.d
+    C, N, P = torch.randn(d, rank, generator=g), torch.randn(d, rank, generator=g), torch.randn(d, 20, generator=g)
+    res = solve_concept(base_weights(unet), C, N, preserve_factor(P, d, 0.1, 1.0), 1.0, rank)
+    ad = bank.add_concept(name, rank=rank, q=2)
+    with torch.no_grad():
+        ad.A.copy_(res.A)
+        for k, B in res.B.items():
+            ad.B[k].copy_(B)
+        ad.Q = G.gate_directions(C, 2, P, 0)
+        gamma, tau = G.calibrate(G.scores(ad.Q, C), G.scores(ad.Q, P))
+        ad.gamma.fill_(gamma)
+        ad.tau.fill_(tau)
+    return C, P
+
+
+def test_b_zero_is_identity_and_disable_is_exact(tiny_components):
+    unet = tiny_components.unet
+    ref, _ = _unet_out(unet)
+    n_attn2 = sum(n.endswith("attn2") for n, _ in unet.named_modules())
+    bank = inject(unet)
+    assert n_attn2 >= 2 and len(bank.layer_shapes) == 2 * n_attn2  # every attn2 x (to_k, to_v)
+    ad = bank.add_concept("dog", rank=4, q=2)
+    with torch.no_grad():
+        ad.A.normal_()  # A non-zero, B = 0: still the identity
+        ad.gamma.fill_(10.0)
+        ad.tau.fill_(-1.0)  # gate fully open
+    out, _ = _unet_out(unet)
+    assert torch.equal(out, ref)
+    _fill(bank, unet, "cat")
+    changed, _ = _unet_out(unet)
+    assert (changed - ref).abs().max() > 1e-4  # the edit does something ...
+    with bank.disabled():
+        off, _ = _unet_out(unet)
+    assert torch.equal(off, ref)  # ... and disabling returns the base model exactly
+    remove(unet)
+    again, _ = _unet_out(unet)
+    assert torch.equal(again, ref) and bank_of(unet) is None
+
+
+def test_apply_remove_bit_for_bit_and_save_load(tiny_components, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from ace_lightning import apply_adapter, remove_adapter
+    from ace_lightning.data.prompts import ErasureRequest
+    from ace_lightning.export import AdapterError, save_adapter
+    from ace_lightning.models.loading import model_fingerprint
+
+    unet = tiny_components.unet
+    ref, _ = _unet_out(unet)
+    bank = inject(unet)
+    _fill(bank, unet, "dog")
+    edited, _ = _unet_out(unet)
+    path = save_adapter(tmp_path / "a.safetensors", bank, [ErasureRequest("dog", "object", "animal")],
+                        tiny_components.source, model_fingerprint(unet), ["to_k", "to_v"])
+    remove(unet)
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_components.source, safety_checker=None,
+                                                   requires_safety_checker=False)
+    base_pipe_out, _ = _unet_out(pipe.unet)
+    assert torch.equal(base_pipe_out, ref)
+    apply_adapter(pipe, path)
+    loaded, _ = _unet_out(pipe.unet)
+    assert torch.equal(loaded, edited)  # save -> load: identical outputs
+    with pytest.raises(AdapterError, match="already carries"):
+        apply_adapter(pipe, path)
+    remove_adapter(pipe)
+    restored, _ = _unet_out(pipe.unet)
+    assert torch.equal(restored, ref)  # apply -> remove: bit-for-bit
+
+    # mismatched base model: perturb one edited projection
+    with torch.no_grad():
+        next(m for n, m in pipe.unet.named_modules() if n.endswith("attn2.to_k")).weight[0, 0] += 1.0
+    with pytest.raises(AdapterError, match="fingerprint"):
+        apply_adapter(pipe, path)
+    # corrupted file
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    with pytest.raises(AdapterError, match="corrupted|readable"):
+        apply_adapter(pipe, bad)
+    with pytest.raises(AdapterError, match="does not exist"):
+        apply_adapter(pipe, tmp_path / "nope.safetensors")
+
+
+def test_gates_after_calibration(tiny_components):
+    bank = inject(tiny_components.unet)
+    C, P = _fill(bank, tiny_components.unet, "dog", rank=4)
+    ad = bank["dog"]
+    g_t, g_p = ad.gate(C.T), ad.gate(P.T)
+    # calibrated: the 5th-percentile target gates at 0.95; 1e-3 because quantile interpolation between two
+    # tokens does not commute exactly with the sigmoid
+    assert float(torch.quantile(g_t, 0.05)) >= 0.95 - 1e-3
+    assert float(g_t.min()) > 0.9
+    assert float(g_p.mean()) < 0.1
+
+
+def test_adapter_is_float32_under_half_precision(tiny_components):
+    unet = tiny_components.unet.to(torch.bfloat16)
+    bank = inject(unet)
+    _fill(bank, unet)
+    assert all(p.dtype == torch.float32 for p in bank.parameters())
+    x = torch.randn(1, 4, 8, 8, dtype=torch.bfloat16)
+    c = torch.randn(1, 16, unet.config.cross_attention_dim, dtype=torch.bfloat16)
+    out = unet(x, torch.tensor([3]), encoder_hidden_states=c).sample
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+def test_bad_targets(tiny_components):
+    with pytest.raises(ValueError, match="not applied to text tokens"):
+        inject(tiny_components.unet, ["to_q"])

@@ -1,0 +1,50 @@
+"""Text side: soft-token encoding equals the normal forward; token policies pair the right positions."""
+
+import pytest
+import torch
+
+from ace_lightning.method.text import encode_ids, paired_positions, soft_tokens, tokenize
+
+
+def test_soft_tokens_equal_normal_forward_and_carry_grad(tiny_components):
+    te, tok = tiny_components.text_encoder, tiny_components.tokenizer
+    ids = tokenize(tok, ["a photo of a dog", "a red car"])
+    with torch.no_grad():
+        ref = encode_ids(te, ids)
+    pos = [2, 3]
+    emb = te.get_input_embeddings().weight[ids[0, pos]].clone().requires_grad_(True)  # the same tokens' rows
+    with soft_tokens(te, pos, emb[None]):
+        out = encode_ids(te, ids[:1])
+    assert torch.allclose(out, ref[:1], atol=1e-6)
+    out.sum().backward()
+    assert emb.grad is not None and emb.grad.abs().sum() > 0
+    with soft_tokens(te, pos, torch.zeros_like(emb)[None]):
+        changed = encode_ids(te, ids[:1])
+    assert (changed - ref[:1]).abs().max() > 1e-3
+    again = encode_ids(te, ids[:1])  # hook removed afterwards
+    assert torch.equal(again.detach(), ref[:1])
+
+
+@pytest.mark.parametrize(
+    "policy,expect",
+    [
+        ("last", ([6], [5])),
+        ("last+eos", ([6, 7], [5, 6])),
+        ("phrase", ([5, 6], [5, 5])),  # the extra concept token maps to the last neutral token
+        ("all_after", ([5, 6, 7], [5, 5, 6])),
+    ],
+)
+def test_token_policies(tiny_components, policy, expect):
+    tok = tiny_components.tokenizer
+    # BOS a photo of a golden dog EOS  /  BOS a photo of a animal EOS
+    ids = tokenize(tok, ["a photo of a golden dog"])[0].tolist()
+    assert ids[0] == tok.bos_token_id and ids[7] == tok.eos_token_id
+    pc, pn = paired_positions(tok, "a photo of a golden dog", "golden dog", "a photo of a animal", "animal", policy)
+    assert (pc, pn) == expect
+
+
+def test_phrase_not_found_is_clear(tiny_components):
+    from ace_lightning.registry import ConfigError
+
+    with pytest.raises(ConfigError, match="phrase not found"):
+        paired_positions(tiny_components.tokenizer, "a photo of a cat", "dog", "a photo of a animal", "animal", "last")
