@@ -94,3 +94,34 @@ def test_toy_classifier_mapping_with_a_random_classifier(tmp_path):
               * logits["color"].softmax(-1)[:, look.clf.labels["color"].index(co)]
               * logits["style"].softmax(-1)[:, look.clf.labels["style"].index(st)])
     assert torch.allclose(out["probs"][:, 0], expect)
+
+
+def test_torchmetrics_clip_score_with_a_factory(tmp_path):
+    """torchmetrics' CLIPScore given a callable returning a (tiny, random) transformers CLIP and processor."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    from ace_lightning.toyworld.tokenizer import write_clip_tokenizer
+
+    tok = CLIPTokenizer.from_pretrained(str(write_clip_tokenizer(tmp_path / "tok", model_max_length=16)))
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(
+        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16)).eval()
+    proc = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                         tokenizer=tok)
+    scorer = build("scorer", {"name": "torchmetrics_clip_score", "factory": lambda: (model, proc)})
+    imgs = torch.rand(3, 3, 32, 32)
+    prompts = ["a circle", "a red square", "a star"]
+    got = scorer(imgs, prompts)["clip_score"]
+    with torch.no_grad():
+        inputs = proc(text=prompts, images=list((imgs * 255).round().to(torch.uint8)), return_tensors="pt", padding=True)
+        f_img = model.get_image_features(pixel_values=inputs["pixel_values"])
+        f_txt = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    f_img = getattr(f_img, "pooler_output", f_img)
+    f_txt = getattr(f_txt, "pooler_output", f_txt)
+    expect = (100 * torch.nn.functional.cosine_similarity(f_img, f_txt)).clamp(min=0)
+    assert torch.allclose(got, expect, atol=1e-4)
+    assert scorer.info()["scorer"] == "torchmetrics_clip_score"

@@ -229,7 +229,7 @@ class TorchmetricsClipScore(Scorer):
         fn = _import_callable(factory) if isinstance(factory, str) else factory
         from torchmetrics.multimodal.clip_score import CLIPScore
 
-        self.metric = CLIPScore(model_name_or_path=fn)
+        self.metric = CLIPScore(model_name_or_path=lambda: _unwrap_features(*fn()))
         self._info = {"scorer": "torchmetrics_clip_score", "factory": str(factory), "torchmetrics": pkg_version("torchmetrics")}
 
     def info(self) -> dict:
@@ -242,6 +242,35 @@ class TorchmetricsClipScore(Scorer):
         m = self.metric
         scores, _ = _clip_score_update(list((images * 255).round().to(torch.uint8)), list(prompts), m.model, m.processor)
         return {"clip_score": scores.clamp(min=0).float()}
+
+
+class _FeatureTensors(nn.Module):
+    """transformers >= 5 returns a model output (features in ``pooler_output``) from ``get_*_features``;
+    torchmetrics 1.9 expects a tensor. This wrapper hands torchmetrics the tensor."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    @staticmethod
+    def _t(out):
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    def get_image_features(self, *args, **kwargs) -> torch.Tensor:
+        return self._t(self.model.get_image_features(*args, **kwargs))
+
+    def get_text_features(self, *args, **kwargs) -> torch.Tensor:
+        return self._t(self.model.get_text_features(*args, **kwargs))
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("model"), name)
+
+
+def _unwrap_features(model, processor):
+    return _FeatureTensors(model), processor
 
 
 def _import_callable(spec: str) -> Callable:
