@@ -125,3 +125,21 @@ def test_torchmetrics_clip_score_with_a_factory(tmp_path):
     expect = (100 * torch.nn.functional.cosine_similarity(f_img, f_txt)).clamp(min=0)
     assert torch.allclose(got, expect, atol=1e-4)
     assert scorer.info()["scorer"] == "torchmetrics_clip_score"
+
+
+def test_resnet50_from_a_local_file(tmp_path):
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet50().eval()
+    torch.save(net.state_dict(), tmp_path / "resnet50.pth")
+    scorer = ResNet50Scorer(weights=str(tmp_path / "resnet50.pth"), imagenet_index={"tench": 0, "church": 497})
+    scorer.setup(ClassInfo(["tench", "church"], ["tench", "church"]))
+    imgs = torch.rand(2, 3, 64, 64)
+    out = scorer(imgs, ["", ""])
+    x = torch.nn.functional.interpolate(imgs, size=(256, 256), mode="bilinear", antialias=True)[..., 16:240, 16:240]
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    full = net((x - mean) / std).softmax(-1)
+    assert torch.allclose(out["probs"], full[:, [0, 497]], atol=1e-6)
+    top = full.argmax(-1).tolist()
+    assert out["pred"].tolist() == [{0: 0, 497: 1}.get(t, -1) for t in top]
