@@ -93,7 +93,9 @@ class GenerationSystem(L.LightningModule):
         self.pipe = None
         self._current: str | None = None
 
-    def setup(self, stage: str) -> None:
+    def on_predict_start(self) -> None:
+        # not in setup(): Lightning calls setup before moving the module to its device, and the pipeline
+        # (not a submodule, so never wrapped or counted) must be built on this rank's device
         if self.pipe is None:
             self.pipe = self.pipe_factory(self.device)
 
