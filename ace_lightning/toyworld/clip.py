@@ -1,0 +1,40 @@
+"""The toy open_clip model trained on ToyWorld pairs (for CLIP-score style metrics)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .components import CLIP_MODEL_NAME, register_toy_clip
+
+WEIGHTS_FILE = "open_clip_model.safetensors"
+CONFIG_FILE = f"{CLIP_MODEL_NAME}.json"  # open_clip names a registered config by its file stem
+
+
+def load_toy_clip(device: str = "cpu", path: str | Path | None = None):
+    """(model, preprocess, tokenizer) of the shipped toy CLIP; model in eval mode, float32."""
+    import open_clip
+    from safetensors.torch import load_file
+
+    from . import CLIP_DIR
+
+    path = Path(path) if path is not None else CLIP_DIR
+    missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if not (path / f).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"ToyWorld CLIP not found: {', '.join(str(path / f) for f in missing)} missing; "
+            "build it with `make toyworld`"
+        )
+    name = register_toy_clip(path / CONFIG_FILE)
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, device="cpu")
+    state = {k: v.float() for k, v in load_file(str(path / WEIGHTS_FILE)).items()}
+    model.load_state_dict(state)
+    return model.to(device).eval(), preprocess, open_clip.get_tokenizer(name)
+
+
+def normalize(images: torch.Tensor, model) -> torch.Tensor:
+    """(B, 3, 32, 32) in [0, 1] -> the model's normalised input (what `preprocess` does to a PIL image)."""
+    cfg = model.visual.preprocess_cfg
+    mean = torch.tensor(cfg["mean"], device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg["std"], device=images.device).view(1, 3, 1, 1)
+    return (images - mean) / std
