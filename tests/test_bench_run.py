@@ -189,3 +189,10 @@ def test_coco_suite_with_fid_and_clip_score(tiny_model_dir, random_inception, tm
     fid = next(x for x in m["settings"]["metrics"] if x["name"] == "fid")
     assert fid["antialias"] is False and fid["weights"] == str(random_inception)
     assert m["settings"]["csv"] == str(refs / "captions.csv")
+
+
+def test_resume_refuses_other_settings(one_process_run, tiny_suite, tiny_model_dir):
+    from ace_lightning.registry import ConfigError
+
+    with pytest.raises(ConfigError, match="other settings.*sampler"):
+        _run(tiny_suite, tiny_model_dir, one_process_run, "steps=3")

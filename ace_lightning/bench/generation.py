@@ -36,6 +36,30 @@ def image_path(out_dir: str | Path, row: PromptRow) -> Path:
     return Path(out_dir) / "images" / row.variant / row.image_name
 
 
+def check_generation_settings(out_dir: str | Path, variants: dict[str, str | None], settings: dict) -> None:
+    """Resuming reuses PNGs, so an output folder must never mix settings: each variant's image folder keeps
+    a ``generation.json`` (model, dtype, sampler, adapter file + sha256) and a different one is an error."""
+    from ace_lightning.bench.scorers import file_digest
+    from ace_lightning.registry import ConfigError
+
+    for name, adapter in variants.items():
+        want = dict(settings, adapter=adapter, adapter_sha256=file_digest(adapter) if adapter else None)
+        want = json.loads(json.dumps(want, default=str))
+        path = Path(out_dir) / "images" / name / "generation.json"
+        if path.is_file():
+            have = json.loads(path.read_text())
+            if have != want:
+                diff = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
+                raise ConfigError(f"{path.parent} holds images generated with other settings ({', '.join(diff)}: "
+                                  f"{[have.get(k) for k in diff]} vs now {[want.get(k) for k in diff]}); "
+                                  "use another out= or run= (or delete the folder)")
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".generation.json.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(want, indent=2))
+        os.replace(tmp, path)
+
+
 def make_batches(rows: list[PromptRow], batch_size: int) -> list[list[PromptRow]]:
     """Consecutive rows of the same variant, at most batch_size per batch."""
     batches: list[list[PromptRow]] = []

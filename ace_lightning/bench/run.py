@@ -10,121 +10,21 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 
-from ace_lightning.registry import ConfigError, build, lookup
+from ace_lightning.bench.config import (
+    BenchConfig,
+    adapter_concepts,
+    adapter_variants,
+    csv_list,
+    parse_args,
+    route_overrides,
+)
+from ace_lightning.registry import ConfigError, build
 
-
-@dataclass
-class BenchConfig:
-    suite: str = ""  # suite name (benchmarks/suites/<name>.yaml) or a .yaml path
-    devices: int = 1  # processes (DDP when > 1; gloo on CPU)
-    accelerator: str = "auto"  # auto | cpu | gpu
-    dtype: str = "float32"  # generation dtype: float32 | float16 | bfloat16 (half precision on GPU only)
-    model: str | None = None  # diffusers dir or cached hub id; None = the suite's model, else ToyWorld
-    adapter: str | None = None  # comma-separated adapter files; each is one variant next to the base model
-    base: bool = True  # also run the base model (the "before" numbers and grid column)
-    out: str | None = None  # output folder (default outputs/bench/<suite>/<run>)
-    run: str | None = None  # run name (default: the variant names joined by '+')
-    erased: str | None = None  # comma-separated erased classes (default: adapters' concepts, else the suite's)
-    classes: str | None = None  # generate only these classes (zero-shot stays over the suite's full list)
-    templates: int | None = None  # use only the first n templates
-    limit: int | None = None  # csv suites: only the first n prompts
-    csv: str | None = None  # csv suites: the prompt CSV (I2P, COCO captions)
-    images_per_prompt: int | None = None  # default: the suite's
-    seed: int | None = None  # first seed (default: the suite's)
-    steps: int | None = None  # denoising steps (default: the suite's)
-    guidance: float | None = None  # CFG scale (default: the suite's)
-    scheduler: str | None = None  # registered sampler (default: the suite's)
-    batch_size: int | None = None  # default: the suite's
-    pretrained: str | None = None  # open_clip checkpoint file for clip_* scorers
-    clip_model: str | None = None  # open_clip architecture for clip_* scorers
-    threshold: float | None = None  # NudeNet score threshold (default 0.6)
-    resnet_weights: str | None = None  # torchvision ResNet-50 state-dict file
-    fid_weights: str | None = None  # torch-fidelity Inception weights file
-    antialias: bool | None = None  # FID resize antialiasing (torchmetrics default True)
-    grid: int | None = None  # prompts in the base-vs-erased grid (default: the suite's)
-    threads: int | None = None  # torch threads per process (default: cores // devices)
-    logger: str = "wandb"  # wandb (offline unless WANDB_MODE=online) | none
-
-
-# run key -> (where, key in the scorer's / metric set's constructor); applied where the constructor takes it
-ROUTED = {"pretrained": ("scorer", "pretrained"), "clip_model": ("scorer", "model"), "threshold": ("scorer", "threshold"),
-          "resnet_weights": ("scorer", "weights"), "fid_weights": ("bench_metric", "weights"),
-          "antialias": ("bench_metric", "antialias")}
-
-
-def parse_args(argv: list[str]) -> BenchConfig:
-    from omegaconf import OmegaConf
-    from omegaconf.errors import ConfigKeyError, ValidationError
-
-    valid = [f.name for f in fields(BenchConfig)]
-    bad = [a for a in argv if "=" not in a]
-    if bad:
-        raise ConfigError(f"arguments must be key=value; got {bad}; valid keys: {valid}")
-    schema = OmegaConf.structured(BenchConfig)
-    try:
-        cfg = OmegaConf.merge(schema, OmegaConf.from_dotlist(argv))
-    except (ConfigKeyError, ValidationError) as e:
-        raise ConfigError(f"{e.msg if hasattr(e, 'msg') else e}; valid keys: {valid}") from None
-    cfg = BenchConfig(**OmegaConf.to_container(cfg))
-    if not cfg.suite:
-        from ace_lightning.bench.suites import suite_names
-
-        raise ConfigError(f"suite=<name> is required; suites: {', '.join(suite_names())}")
-    return cfg
-
-
-def _csv(s: str | None) -> list[str] | None:
-    return [x.strip() for x in str(s).split(",") if x.strip()] if s else None
-
-
-def adapter_variants(adapters: list[str]) -> dict[str, str]:
-    """Variant name per adapter file: its stem, or its folder's name for a generic 'adapter.safetensors'."""
-    out: dict[str, str] = {}
-    for a in adapters:
-        p = Path(a)
-        if not p.is_file():
-            raise ConfigError(f"adapter file {p} not found")
-        name = p.parent.name if p.stem in ("adapter", "model") else p.stem
-        while name in out or name == "base":
-            name += "_"
-        out[name] = str(p)
-    return out
-
-
-def adapter_concepts(path: str) -> list[str]:
-    """The concept names stored in an adapter file's metadata."""
-    from ace_lightning.export import read_adapter
-
-    return [c["concept"] for c in read_adapter(path)[1]["concepts"]]
-
-
-def _named_params(fn) -> list[str]:
-    """Named constructor arguments (ignoring **kwargs, which torchmetrics' Metric options go through)."""
-    import inspect
-
-    return [p.name for p in inspect.signature(fn).parameters.values()
-            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-
-
-def route_overrides(metrics: list[dict], cfg: BenchConfig) -> list[dict]:
-    """Put run keys (pretrained=, threshold=, ...) into every scorer / metric set whose constructor takes them."""
-    out = []
-    for m in metrics:
-        m = {**m, "scorer": dict(m["scorer"])}
-        for key, (kind, arg) in ROUTED.items():
-            val = getattr(cfg, key)
-            if val is None:
-                continue
-            target = m["scorer"] if kind == "scorer" else m
-            if arg in _named_params(lookup(kind, target["name"])):
-                target[arg] = val
-        out.append(m)
-    return out
+__all__ = ["BenchConfig", "main", "parse_args", "route_overrides"]
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -141,15 +41,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // cfg.devices))
 
     # variants and the erased set: explicit erased=, else the adapters' concepts found in the suite, else the suite's
-    variants = ({"base": None} if cfg.base else {}) | adapter_variants(_csv(cfg.adapter) or [])
+    variants = ({"base": None} if cfg.base else {}) | adapter_variants(csv_list(cfg.adapter) or [])
     if not variants:
         raise ConfigError("nothing to run: base=false and no adapter=")
-    erased = _csv(cfg.erased)
+    erased = csv_list(cfg.erased)
     if erased is None and suite.classes is not None:
         found = [c for a in variants.values() if a for c in adapter_concepts(a) if c in suite.classes.names]
         erased = list(dict.fromkeys(found)) or None
     sampler = {**suite.sampler, **{k: getattr(cfg, k) for k in ("steps", "guidance", "scheduler") if getattr(cfg, k) is not None}}
-    sel = Selection(erased=suite.prompts.resolve_erased(erased), classes=_csv(cfg.classes), templates=cfg.templates,
+    sel = Selection(erased=suite.prompts.resolve_erased(erased), classes=csv_list(cfg.classes), templates=cfg.templates,
                     limit=cfg.limit, csv=cfg.csv, seed=suite.seed if cfg.seed is None else cfg.seed,
                     images_per_prompt=cfg.images_per_prompt or suite.images_per_prompt)
     base_rows = suite.rows(sel)
@@ -157,9 +57,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     run = cfg.run or "+".join(variants)
     out = Path(cfg.out or Path("outputs") / "bench" / suite.name / run)
     bs = cfg.batch_size or suite.batch_size
-    todo = [r for r in rows if not G.image_path(out, r).is_file()]  # resume: existing PNGs are kept
-
     model = cfg.model or suite.model
+    G.check_generation_settings(out, variants, {"model": model or "ToyWorld", "dtype": cfg.dtype, "sampler": sampler})
+    todo = [r for r in rows if not G.image_path(out, r).is_file()]  # resume: existing PNGs are kept
 
     def pipe_factory(device):
         from ace_lightning.models.loading import load_components
