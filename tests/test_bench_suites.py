@@ -88,3 +88,12 @@ def test_run_keys_are_routed_to_scorers():
     assert m[0]["scorer"]["pretrained"] == "/x/clip.bin" and "threshold" not in m[0]["scorer"]
     n = route_overrides(load_suite("nsfw").metrics, cfg)
     assert n[0]["scorer"]["threshold"] == 0.5 and "pretrained" not in n[0]["scorer"]
+
+
+def test_suite_files_comment_every_top_level_key():
+    from ace_lightning.bench.suites import SUITES_DIR
+
+    for path in SUITES_DIR.glob("*.yaml"):
+        for line in path.read_text().splitlines():
+            if line and not line.startswith((" ", "#", "-")):
+                assert "#" in line, f"{path.name}: key without a comment: {line!r}"
