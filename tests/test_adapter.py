@@ -27,7 +27,7 @@ def _fill(bank, unet, name="dog", seed=1, rank=3):
         ad.A.copy_(res.A)
         for k, B in res.B.items():
             ad.B[k].copy_(B)
-        ad.Q = G.gate_directions(C, 2, P, 0)
+        ad.Q = G.gate_directions(C, 2)
         gamma, tau = G.calibrate(G.scores(ad.Q, C), G.scores(ad.Q, P))
         ad.gamma.fill_(gamma)
         ad.tau.fill_(tau)

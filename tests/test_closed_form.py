@@ -9,6 +9,7 @@ from ace_lightning.method.closed_form import (
     factorize,
     preserve_factor,
     solve_concept,
+    solve_concepts,
 )
 
 
@@ -73,3 +74,17 @@ def test_bad_inputs_raise():
     f = preserve_factor(None, 4, 1.0, 1.0)
     with pytest.raises(ValueError, match="same shape"):
         concept_delta(torch.randn(4, 2), torch.randn(4, 3), f, 1.0)
+
+
+def test_batched_solve_equals_one_by_one():
+    g = torch.Generator().manual_seed(3)
+    d = 14
+    weights = {"a.to_k": torch.randn(6, d, generator=g), "b.to_v": torch.randn(9, d, generator=g)}
+    factor = preserve_factor(torch.randn(d, 11, generator=g), d, 0.2, 0.7)
+    pairs = [(torch.randn(d, n, generator=g), torch.randn(d, n, generator=g)) for n in (3, 5, 3, 4)]  # mixed n
+    many = solve_concepts(weights, pairs, factor, 1.3, rank=4)
+    for (C, N), res in zip(pairs, many):
+        one = solve_concept(weights, C, N, factor, 1.3, rank=4)
+        for k in weights:  # compare the products: singular vectors are defined up to sign
+            assert _rel(res.B[k] @ res.A, one.B[k] @ one.A) < 1e-5
+        assert res.energy_kept == pytest.approx(one.energy_kept, rel=1e-9)

@@ -9,7 +9,7 @@ import torch
 
 from ace_lightning.method import gate as G
 from ace_lightning.method.adapter import AdapterBank
-from ace_lightning.method.closed_form import preserve_factor, solve_concept
+from ace_lightning.method.closed_form import EditedWeights, preserve_factor, solve_concepts
 
 
 def initialize_bank(bank: AdapterBank, weights: dict[str, torch.Tensor], concepts, P: torch.Tensor, cf, acfg) -> dict:
@@ -20,12 +20,15 @@ def initialize_bank(bank: AdapterBank, weights: dict[str, torch.Tensor], concept
     """
     t0 = time.perf_counter()
     d = P.shape[0]
-    factor = preserve_factor(P, d, cf.lam, cf.s_p)
+    factor = preserve_factor(P, d, cf.lam, cf.s_p)  # shared by every concept and layer
+    Up = G.preserve_directions(P, acfg.gate_project_out)  # shared by every concept's gate
+    stacked = EditedWeights.stack(weights)
     stats = {}
-    for cd in concepts:
+    solved = solve_concepts(stacked, [(cd.C, cd.N) for cd in concepts], factor, cf.s_e, acfg.rank) if cf.enabled else None
+    for i, cd in enumerate(concepts):
         name = cd.request.concept
-        if cf.enabled:
-            res = solve_concept(weights, cd.C, cd.N, factor, cf.s_e, acfg.rank)
+        if solved is not None:
+            res = solved[i]
             A, B, energy = res.A, res.B, res.energy_kept
         else:  # LoRA-style start: A on the targets' principal directions, B = 0 (identity)
             U = torch.linalg.svd(cd.C.double(), full_matrices=False).U[:, : acfg.rank]
@@ -35,7 +38,7 @@ def initialize_bank(bank: AdapterBank, weights: dict[str, torch.Tensor], concept
             ad.A.copy_(A)
             for k in weights:
                 ad.B[k].copy_(B[k])
-            Q = G.gate_directions(cd.C, acfg.gate_q, P, acfg.gate_project_out)
+            Q = G.gate_directions(cd.C, acfg.gate_q, Up)
             ad.Q = torch.zeros(d, acfg.gate_q)
             ad.Q[:, : Q.shape[1]] = Q
             s_t, s_p = G.scores(ad.Q, cd.C), G.scores(ad.Q, P)

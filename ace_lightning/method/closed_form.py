@@ -18,15 +18,17 @@ import torch
 
 @dataclass
 class PreserveFactor:
-    """Cholesky factor of ``M = λI + s_p P Pᵀ`` (float64)."""
+    """``M = λI + s_p P Pᵀ`` factorised once (float64): Cholesky factor and the explicit inverse, so
+    every concept's ``M⁻¹ C`` is one GEMM (batched over concepts)."""
 
     chol: torch.Tensor  # (d, d) lower-triangular
+    inv: torch.Tensor  # (d, d) M⁻¹, symmetric
     lam: float
     s_p: float
 
     def solve(self, X: torch.Tensor) -> torch.Tensor:
-        """``M⁻¹ X`` for X (d, n)."""
-        return torch.cholesky_solve(X, self.chol)  # (d, n)
+        """``M⁻¹ X`` for X (..., d, n)."""
+        return self.inv @ X  # (..., d, n)
 
 
 def preserve_factor(P: torch.Tensor | None, d: int, lam: float, s_p: float) -> PreserveFactor:
@@ -37,45 +39,61 @@ def preserve_factor(P: torch.Tensor | None, d: int, lam: float, s_p: float) -> P
     if P is not None and P.numel():
         P = P.to(torch.float64)
         M = M + s_p * (P @ P.T)
-    return PreserveFactor(torch.linalg.cholesky(M), lam, s_p)
+    chol = torch.linalg.cholesky(M)
+    return PreserveFactor(chol, torch.cholesky_inverse(chol), lam, s_p)
 
 
 @dataclass
 class LowRankDelta:
-    """``D = left @ right`` with left (d, n), right (n, d): the exact text-space edit of one concept."""
+    """``D = left @ right`` with left (..., d, n), right (..., n, d): the exact text-space edit."""
 
-    left: torch.Tensor  # (d, n) = s_e (N − C)
-    right: torch.Tensor  # (n, d) = (I + s_e Cᵀ M⁻¹ C)⁻¹ Cᵀ M⁻¹
+    left: torch.Tensor  # (..., d, n) = s_e (N − C)
+    right: torch.Tensor  # (..., n, d) = (I + s_e Cᵀ M⁻¹ C)⁻¹ Cᵀ M⁻¹
 
     def dense(self) -> torch.Tensor:
-        return self.left @ self.right  # (d, d)
+        return self.left @ self.right  # (..., d, d)
 
 
 def concept_delta(C: torch.Tensor, N: torch.Tensor, factor: PreserveFactor, s_e: float) -> LowRankDelta:
-    """The text-space edit ``D_k`` (kept factored) for targets C (d, n) and neutrals N (d, n)."""
+    """The text-space edit ``D_k`` (kept factored) for targets C (..., d, n) and neutrals N (..., d, n);
+    leading dims batch several concepts with the same n."""
     if C.shape != N.shape:
         raise ValueError(f"C and N must have the same shape, got {tuple(C.shape)} and {tuple(N.shape)}")
     C = C.to(torch.float64)
     N = N.to(torch.float64)
-    n = C.shape[1]
-    MinvC = factor.solve(C)  # (d, n)
-    K = torch.eye(n, dtype=torch.float64) + s_e * (C.T @ MinvC)  # (n, n), SPD
-    right = torch.linalg.solve(K, MinvC.T)  # (n, d)  (Cᵀ M⁻¹ = (M⁻¹ C)ᵀ since M is symmetric)
+    n = C.shape[-1]
+    MinvC = factor.solve(C)  # (..., d, n)
+    K = torch.eye(n, dtype=torch.float64) + s_e * (C.mT @ MinvC)  # (..., n, n), SPD
+    right = torch.linalg.solve(K, MinvC.mT)  # (..., n, d)  (Cᵀ M⁻¹ = (M⁻¹ C)ᵀ since M is symmetric)
     return LowRankDelta(left=s_e * (N - C), right=right)
 
 
-def factorize(delta: LowRankDelta, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Truncated SVD of ``D = left @ right`` without forming the d x d matrix.
+def _top_eigh(G: torch.Tensor, rel_tol: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenpairs of symmetric PSD G (..., n, n), descending, with eigenvalues below ``rel_tol·max`` zeroed."""
+    lam, E = torch.linalg.eigh(G)  # ascending
+    lam, E = lam.flip(-1), E.flip(-1)
+    lam = torch.where(lam > rel_tol * lam[..., :1].clamp_min(1e-300), lam, torch.zeros_like(lam))
+    return lam, E
 
-    Returns ``US`` (d, r) = U_r S_r, ``Vt`` (r, d) = V_rᵀ and the singular values (n,) of D.
+
+def factorize(delta: LowRankDelta, rank: int, rel_tol: float = 1e-13) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Truncated SVD of ``D = left @ right`` from n x n Gram matrices only (never a d x d matrix, no
+    tall QR): batched over leading dims.
+
+    With ``R Rᵀ = E Λ Eᵀ`` the rows of ``Bᵀ = Λ^{-1/2} Eᵀ R`` are orthonormal and ``D = L' Bᵀ``,
+    ``L' = left E Λ^{1/2}``; with ``L'ᵀ L' = W Σ² Wᵀ``: ``U S = L' W`` and ``Vᵀ = Wᵀ Bᵀ``.
+    Returns ``US`` (..., d, r), ``Vt`` (..., r, d) and the singular values (..., n) of D.
     """
-    Q1, R1 = torch.linalg.qr(delta.left)  # (d, n), (n, n)
-    Q2, R2 = torch.linalg.qr(delta.right.T)  # (d, n), (n, n)
-    u, s, vh = torch.linalg.svd(R1 @ R2.T)  # core (n, n)
-    r = min(rank, s.numel())
-    US = (Q1 @ u[:, :r]) * s[:r]  # (d, r)
-    Vt = vh[:r] @ Q2.T  # (r, d)
-    return US, Vt, s
+    L, R = delta.left, delta.right
+    lam_r, E = _top_eigh(R @ R.mT, rel_tol)  # (..., n), (..., n, n)
+    inv_sqrt = torch.where(lam_r > 0, lam_r.clamp_min(1e-300).rsqrt(), torch.zeros_like(lam_r))
+    Bt = (E * inv_sqrt[..., None, :]).mT @ R  # (..., n, d), orthonormal rows (or zero rows)
+    Lp = L @ (E * lam_r.sqrt()[..., None, :])  # (..., d, n)
+    sig2, Wv = _top_eigh(Lp.mT @ Lp, rel_tol)  # (..., n)
+    r = min(rank, sig2.shape[-1])
+    US = Lp @ Wv[..., :r]  # (..., d, r)
+    Vt = Wv[..., :r].mT @ Bt  # (..., r, d)
+    return US, Vt, sig2.sqrt()
 
 
 def direct_update(
@@ -101,18 +119,68 @@ class ClosedFormResult:
     energy_kept: float  # share of ||D_k||_F² kept by the rank-r truncation
 
 
+@dataclass
+class EditedWeights:
+    """Every edited projection stacked into one matrix, so ``B^l = W^l U_r S_r`` is one matmul for all l."""
+
+    keys: list[str]
+    sizes: list[int]  # o per projection
+    W: torch.Tensor  # (Σo, d) float32
+
+    @classmethod
+    def stack(cls, weights: dict[str, torch.Tensor]) -> EditedWeights:
+        keys = list(weights)
+        return cls(keys, [weights[k].shape[0] for k in keys], torch.cat([weights[k].float() for k in keys]))
+
+    def split(self, X: torch.Tensor) -> dict[str, torch.Tensor]:
+        return dict(zip(self.keys, X.split(self.sizes)))
+
+
 def solve_concept(
-    weights: dict[str, torch.Tensor],
+    weights: EditedWeights | dict[str, torch.Tensor],
     C: torch.Tensor,
     N: torch.Tensor,
     factor: PreserveFactor,
     s_e: float,
     rank: int,
 ) -> ClosedFormResult:
-    """Closed form for one concept over all edited projections ``weights`` (key -> W (o, d))."""
+    """Closed form for one concept over all edited projections (key -> W (o, d), or pre-stacked)."""
+    if not isinstance(weights, EditedWeights):
+        weights = EditedWeights.stack(weights)
     delta = concept_delta(C, N, factor, s_e)
     US, Vt, s = factorize(delta, rank)
     r = Vt.shape[0]
     energy = float((s[:r] ** 2).sum() / (s**2).sum().clamp_min(1e-300))
-    B = {k: (W.to(torch.float64) @ US).to(torch.float32) for k, W in weights.items()}  # (o, r) each
+    B = weights.split(weights.W @ US.float())  # (o, r) each
     return ClosedFormResult(A=Vt.to(torch.float32), B=B, singular_values=s, energy_kept=energy)
+
+
+def solve_concepts(
+    weights: EditedWeights | dict[str, torch.Tensor],
+    pairs: list[tuple[torch.Tensor, torch.Tensor]],
+    factor: PreserveFactor,
+    s_e: float,
+    rank: int,
+) -> list[ClosedFormResult]:
+    """:func:`solve_concept` for many concepts: concepts with the same n are batched, and every concept's
+    B for every layer comes from one GEMM ``W_all @ [US_1 ... US_K]``."""
+    if not isinstance(weights, EditedWeights):
+        weights = EditedWeights.stack(weights)
+    groups: dict[int, list[int]] = {}
+    for i, (C, _) in enumerate(pairs):
+        groups.setdefault(C.shape[1], []).append(i)
+    US, Vt, S = [None] * len(pairs), [None] * len(pairs), [None] * len(pairs)
+    for idx in groups.values():
+        C = torch.stack([pairs[i][0] for i in idx])  # (k, d, n)
+        N = torch.stack([pairs[i][1] for i in idx])
+        us, vt, s = factorize(concept_delta(C, N, factor, s_e), rank)
+        for j, i in enumerate(idx):
+            US[i], Vt[i], S[i] = us[j], vt[j], s[j]
+    ranks = [u.shape[1] for u in US]
+    B_all = weights.W @ torch.cat(US, dim=1).float()  # (Σo, Σr): one GEMM for all layers and concepts
+    out = []
+    for v, s, B in zip(Vt, S, B_all.split(ranks, dim=1)):
+        r = v.shape[0]
+        energy = float((s[:r] ** 2).sum() / (s**2).sum().clamp_min(1e-300))
+        out.append(ClosedFormResult(A=v.float(), B=weights.split(B.contiguous()), singular_values=s, energy_kept=energy))
+    return out

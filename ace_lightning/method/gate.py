@@ -12,15 +12,25 @@ def _unit_cols(X: torch.Tensor) -> torch.Tensor:
     return X / X.norm(dim=0, keepdim=True).clamp_min(1e-8)
 
 
-def gate_directions(C: torch.Tensor, q: int, P: torch.Tensor | None = None, project_out: int = 0) -> torch.Tensor:
+def preserve_directions(P: torch.Tensor, k: int) -> torch.Tensor | None:
+    """Top-k left singular vectors (d, k) of the unit preserve columns P (d, m); computed once per run."""
+    if k <= 0 or P is None or not P.numel():
+        return None
+    return torch.linalg.svd(_unit_cols(P.double()), full_matrices=False).U[:, :k]
+
+
+def gate_directions(C: torch.Tensor, q: int, Up: torch.Tensor | None = None) -> torch.Tensor:
     """Q (d, q): top-q left singular vectors of the unit target columns C (d, n), optionally after
-    projecting out the top ``project_out`` directions of the unit preserve columns P (d, m)."""
+    projecting out the preserve directions ``Up`` (d, k) (see :func:`preserve_directions`)."""
     X = _unit_cols(C.double())  # (d, n)
-    if project_out > 0 and P is not None and P.numel():
-        Up = torch.linalg.svd(_unit_cols(P.double()), full_matrices=False).U[:, :project_out]  # (d, p)
+    if Up is not None:
         X = X - Up @ (Up.T @ X)
-    U = torch.linalg.svd(X, full_matrices=False).U  # (d, min(d, n))
-    return U[:, : min(q, U.shape[1])].float().contiguous()
+    # left singular vectors from the n x n Gram matrix (n << d): U = X W Σ⁻¹
+    sig2, W = torch.linalg.eigh(X.T @ X)  # ascending
+    sig2, W = sig2.flip(0)[:q], W.flip(1)[:, :q]
+    keep = sig2 > 1e-12 * sig2[:1].clamp_min(1e-300)
+    U = (X @ W[:, keep]) / sig2[keep].sqrt()  # (d, q')
+    return U.float().contiguous()
 
 
 def scores(Q: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
