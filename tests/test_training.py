@@ -92,3 +92,33 @@ def test_closed_form_only_run(tiny_model_dir, tmp_path):
 def test_missing_resume_checkpoint_is_clear(tiny_model_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="resume"):
         run(tiny_cfg(tiny_model_dir, tmp_path, "ckpt_path=last"))
+
+
+def test_two_concepts_one_adapter_grid_and_offline_wandb(tiny_model_dir, tmp_path, monkeypatch):
+    """Several concepts in one run; each concept's adapter can be removed without touching the other."""
+    from ace_lightning.export import load_into, read_adapter
+    from ace_lightning.models.loading import load_components
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = tiny_cfg(tiny_model_dir, tmp_path, "trainer.max_steps=4", "logger.wandb=true", "grid.enabled=true",
+                   "grid.seeds=[0,1]", "name=two",
+                   "concepts=[{concept: dog, kind: object, neutral: animal}, {concept: Van Gogh, kind: style, neutral: art}]")
+    run(cfg)
+    run_dir = tmp_path / "two"
+    _, meta = read_adapter(run_dir / "adapter.safetensors")
+    assert [c["concept"] for c in meta["concepts"]] == ["dog", "Van Gogh"]
+    assert (run_dir / "grid.png").stat().st_size > 1000
+    assert list((run_dir / "wandb").glob("offline-run-*"))
+
+    comps = load_components(str(tiny_model_dir))
+    bank = load_into(comps.unet, run_dir / "adapter.safetensors")
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    c = torch.randn(1, 16, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        both = comps.unet(x, torch.tensor([400]), encoder_hidden_states=c).sample
+        saved = {k: v.clone() for k, v in bank.state_dict().items()}
+        bank.remove_concept("Van Gogh")
+        dog_only = comps.unet(x, torch.tensor([400]), encoder_hidden_states=c).sample
+    # dog's tensors are untouched by removing the other concept
+    assert all(torch.equal(v, saved[k]) for k, v in bank.state_dict().items())
+    assert not torch.equal(both, dog_only)
