@@ -89,3 +89,15 @@ def test_cli_reports_config_errors(capsys):
     with pytest.raises(SystemExit, match="config error"):
         main([DOG, "loss.etaa=1"])
     assert Path(EXPERIMENTS_DIR / "base.yaml").is_file()
+
+
+def test_sweep_files_name_real_keys_and_the_logged_metric():
+    for p in (EXPERIMENTS_DIR / "sweeps").glob("*.yaml"):
+        sweep = OmegaConf.to_container(OmegaConf.load(p))
+        assert sweep["metric"]["name"] in {"train/loss", "train/loss_erase", "train/loss_pres", "train/loss_gate"}
+        overrides = []
+        for key, spec in sweep["parameters"].items():
+            value = spec["values"][0] if "values" in spec else spec["min"]
+            overrides.append(f"{key}={value}")
+        cfg = load_config([DOG, *overrides])  # every swept key exists in the schema
+        assert OmegaConf.select(cfg, next(iter(sweep["parameters"]))) is not None
