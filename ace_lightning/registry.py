@@ -20,6 +20,10 @@ PROVIDERS: dict[str, list[str]] = {
     "timesteps": ["ace_lightning.method.losses"],
     "attack": ["ace_lightning.method.attack"],
     "sampler": ["ace_lightning.models.sampling"],
+    "scorer": ["ace_lightning.bench.scorers"],
+    "bench_metric": ["ace_lightning.bench.metrics"],
+    "class_source": ["ace_lightning.bench.suites"],
+    "prompt_source": ["ace_lightning.bench.suites"],
 }
 
 
