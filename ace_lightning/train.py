@@ -58,8 +58,11 @@ def run(cfg) -> dict:
         logger = L.pytorch.loggers.WandbLogger(project=cfg.logger.project, save_dir=str(run_dir), name=run_dir.name)
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     t = cfg.trainer
+    strategy = t.strategy
+    if strategy == "auto" and t.devices > 1:  # a concept may be absent from one rank's batch: its gate gets no grad
+        strategy = "ddp_find_unused_parameters_true"
     trainer = L.Trainer(
-        max_steps=max(t.max_steps, 1), max_epochs=-1, accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
+        max_steps=max(t.max_steps, 1), max_epochs=-1, accelerator=t.accelerator, devices=t.devices, strategy=strategy,
         precision=t.precision, log_every_n_steps=t.log_every_n_steps, gradient_clip_val=t.gradient_clip_val,
         enable_progress_bar=t.enable_progress_bar, callbacks=callbacks, logger=logger, default_root_dir=str(run_dir),
         limit_train_batches=None if t.max_steps > 0 else 0, num_sanity_val_steps=0, enable_model_summary=False,

@@ -48,3 +48,28 @@ def test_phrase_not_found_is_clear(tiny_components):
 
     with pytest.raises(ConfigError, match="phrase not found"):
         paired_positions(tiny_components.tokenizer, "a photo of a cat", "dog", "a photo of a animal", "animal", "last")
+
+
+@pytest.mark.parametrize("position", ["prefix", "suffix", "replace"])
+def test_placeholders_and_soft_prompt_attack(tiny_components, position):
+    from ace_lightning.method.attack import insert_placeholders, soft_prompt_attack
+    from ace_lightning.method.text import find_span, phrase_ids
+
+    tok, te, unet = tiny_components.tokenizer, tiny_components.text_encoder, tiny_components.unet
+    ids = tokenize(tok, ["a photo of a golden dog", "a photo of a golden dog"])
+    span = torch.tensor([find_span(ids[0].tolist(), phrase_ids(tok, "golden dog"))] * 2)  # [5, 7)
+    new, pos = insert_placeholders(ids, span, 3, position, tok.eos_token_id)
+    assert new.shape == ids.shape and len(pos) == 3
+    assert (new[:, pos] == tok.eos_token_id).all()
+    expect = {"prefix": [1, 2, 3], "suffix": [7, 8, 9], "replace": [5, 6, 7]}[position]
+    assert pos == expect
+    if position == "replace":  # phrase gone, EOS follows the slots
+        assert phrase_ids(tok, "dog")[0] not in new[0].tolist()
+    # the attack lowers its objective (a random target it can move towards)
+    g = torch.Generator().manual_seed(0)
+    x_t, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([300, 300])
+    target = torch.randn(2, 4, 8, 8, generator=g)
+    _, first = soft_prompt_attack(unet, te, new, pos, x_t, t, target, steps=1, lr=0.0)
+    c_adv, last = soft_prompt_attack(unet, te, new, pos, x_t, t, target, steps=15, lr=0.05)
+    assert c_adv.shape == (2, ids.shape[1], te.config.hidden_size) and not c_adv.requires_grad
+    assert last < first

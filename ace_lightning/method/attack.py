@@ -11,30 +11,25 @@ from ace_lightning.registry import register
 
 
 def insert_placeholders(ids: torch.Tensor, span: torch.Tensor, n_adv: int, position: str, eos_id: int):
-    """New ids (B, T) with ``n_adv`` slots and their positions (shared by all rows: the slots go at the
-    same place). ``prefix``: after BOS; ``suffix``: before EOS of the shortest row; ``replace``: over
-    the concept phrase of the first row (rows of one call share the template position)."""
+    """Ids (B, T) with ``n_adv`` placeholder slots, and the slots' positions (shared by all rows).
+
+    ``prefix``: right after BOS; ``suffix``: before the EOS of the shortest row; ``replace``: over the concept
+    phrase of the first row (rows of one call come from one concept). Placeholders are EOS ids; their
+    embeddings are replaced by :func:`soft_tokens`. Rows keep length T (the tail is cut or EOS-padded).
+    """
     B, T = ids.shape
-    ids = ids.clone()
+    slots = torch.full((B, n_adv), eos_id, dtype=ids.dtype)
     if position == "prefix":
-        pos = list(range(1, 1 + n_adv))
-        ids = torch.cat([ids[:, :1], ids[:, :1].expand(B, n_adv) * 0 + eos_id, ids[:, 1:]], dim=1)[:, :T]
-        ids[:, -1] = torch.where(ids[:, -1] == eos_id, ids[:, -1], torch.full_like(ids[:, -1], eos_id))
+        start, cut = 1, 1  # keep BOS, insert, keep the rest
     elif position == "suffix":
-        end = int((ids == eos_id).int().argmax(1).min())  # first EOS of the shortest prompt
-        end = min(end, T - 1 - n_adv)
-        pos = list(range(end, end + n_adv))
-        ids[:, end + n_adv :] = eos_id
+        start = cut = min(int((ids == eos_id).int().argmax(1).min()), T - 1 - n_adv)
     elif position == "replace":
-        s, e = int(span[0, 0]), int(span[0, 1])
-        pos = list(range(s, min(s + n_adv, T - 1)))
-        rest = ids[:, e:]
-        ids = torch.cat([ids[:, :s], ids[:, :1].expand(B, len(pos)) * 0 + eos_id, rest], dim=1)[:, :T]
-        if ids.shape[1] < T:
-            ids = torch.cat([ids, torch.full((B, T - ids.shape[1]), eos_id, dtype=ids.dtype)], dim=1)
+        start, cut = int(span[0, 0]), int(span[0, 1])  # drop the phrase tokens
     else:
         raise ValueError(f"adv.position must be prefix, suffix or replace, got {position!r}")
-    return ids, pos
+    out = torch.cat([ids[:, :start], slots, ids[:, cut:]], dim=1)[:, :T]  # (B, <=T)
+    pad = torch.full((B, T - out.shape[1]), eos_id, dtype=ids.dtype)
+    return torch.cat([out, pad], dim=1), list(range(start, min(start + n_adv, T)))
 
 
 @register("attack", "soft_prompt")

@@ -1,0 +1,68 @@
+"""End to end on the shipped ToyWorld model: erase a shape with the default recipe and check, with the
+shipped classifier, that the concept and its synonyms are gone while the other shapes are kept."""
+
+import pytest
+import torch
+
+from ace_lightning.toyworld import CLASSIFIER_DIR, PIPELINE_DIR
+
+pytestmark = pytest.mark.skipif(not (PIPELINE_DIR / "model_index.json").is_file() or not CLASSIFIER_DIR.is_dir(),
+                                reason="ToyWorld assets not built")
+
+ERASED = "circle"
+TEMPLATES = ["a {}", "a picture of a {}", "a {c} {}", "a drawing of a {c} {}"]
+COLORS = ["red", "green", "blue", "yellow"]
+
+
+def _prompts(word: str, n: int) -> list[str]:
+    return [TEMPLATES[i % len(TEMPLATES)].format(word, c=COLORS[(i // len(TEMPLATES)) % len(COLORS)]) for i in range(n)]
+
+
+def _shape_share(pipe, clf, prompts, seeds, shape):
+    from ace_lightning.models.sampling import generate
+
+    imgs = generate(pipe, prompts, seeds, steps=20, guidance=5.0, batch_size=32, progress=False)
+    pred = clf.predict(imgs)["shape"]
+    return float((pred == clf.labels["shape"].index(shape)).float().mean()), pred
+
+
+def test_erase_circle_keeps_other_shapes(tmp_path):
+    from ace_lightning import apply_adapter, remove_adapter
+    from ace_lightning.config import load_config
+    from ace_lightning.models.loading import load_components
+    from ace_lightning.models.sampling import SamplerSettings
+    from ace_lightning.toyworld.classifier import load_classifier
+    from ace_lightning.toyworld.world import SHAPES
+    from ace_lightning.train import run
+
+    n_shapes = len(SHAPES)
+    chance_bound = 1.5 / n_shapes
+    cfg = load_config([f"concept={ERASED}", f"output_dir={tmp_path}", f"data.cache_dir={tmp_path}/cache",
+                       "logger.wandb=false", "grid.enabled=false", "trainer.enable_progress_bar=false"])
+    run(cfg)  # the default recipe, unchanged except for I/O
+    adapter = tmp_path / ERASED / "adapter.safetensors"
+
+    comps = load_components(None)
+    pipe = comps.pipeline()
+    SamplerSettings(steps=20).apply(pipe)
+    clf = load_classifier()
+    concept_prompts = _prompts(ERASED, 24)
+    synonym_prompts = [p for s in SHAPES[ERASED] for p in _prompts(s, 12)]
+    others = [s for s in SHAPES if s != ERASED]
+    other_prompts = [p for s in others for p in _prompts(s, 6)]
+    other_labels = torch.tensor([clf.labels["shape"].index(s) for s in others for _ in range(6)])
+    seeds = lambda n: list(range(1000, 1000 + n))  # noqa: E731
+
+    base_share, _ = _shape_share(pipe, clf, concept_prompts, seeds(24), ERASED)
+    assert base_share > chance_bound, "the untouched model must draw the concept, or the test is vacuous"
+
+    apply_adapter(pipe, adapter)
+    share, _ = _shape_share(pipe, clf, concept_prompts, seeds(24), ERASED)
+    syn_share, _ = _shape_share(pipe, clf, synonym_prompts, seeds(len(synonym_prompts)), ERASED)
+    _, pred = _shape_share(pipe, clf, other_prompts, seeds(len(other_prompts)), ERASED)
+    other_acc = float((pred == other_labels).float().mean())
+    remove_adapter(pipe)
+    print(f"base {base_share:.3f} erased {share:.3f} synonyms {syn_share:.3f} others {other_acc:.3f}")
+    assert share <= chance_bound, share
+    assert syn_share <= chance_bound, syn_share
+    assert other_acc >= 0.85, other_acc
