@@ -13,8 +13,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(2)
 
 
-def build_tiny_model(path, seed: int = 0, max_len: int = 16):
-    """A tiny SD-layout model (UNet with cross-attention, CLIP text encoder, VAE, DDIM) saved at ``path``."""
+def build_tiny_model(path, seed: int = 0, max_len: int = 16, v2: bool = False):
+    """A tiny SD-layout model (UNet with cross-attention, CLIP text encoder, VAE, DDIM) saved at ``path``.
+
+    ``v2``: the SD-2.x differences — "!" padding, gelu text encoder, linear-projection transformers,
+    v-prediction."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -22,18 +25,19 @@ def build_tiny_model(path, seed: int = 0, max_len: int = 16):
 
     torch.manual_seed(seed)
     tok_dir = write_clip_tokenizer(path / "_tok", model_max_length=max_len)
-    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir, **({"pad_token": "!"} if v2 else {}))
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, max_position_embeddings=max_len, bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            hidden_act="gelu" if v2 else "quick_gelu",
         )
     )
     unet = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8, use_linear_projection=v2,
     )
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, block_out_channels=(8, 16, 16), latent_channels=4, norm_num_groups=8,
@@ -42,6 +46,7 @@ def build_tiny_model(path, seed: int = 0, max_len: int = 16):
     sched = DDIMScheduler(
         num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
         clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+        prediction_type="v_prediction" if v2 else "epsilon",
     )
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=sched,
@@ -54,6 +59,11 @@ def build_tiny_model(path, seed: int = 0, max_len: int = 16):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("tiny_sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_v2_model_dir(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_sd2"), seed=1, max_len=20, v2=True)
 
 
 @pytest.fixture()

@@ -122,3 +122,14 @@ def test_two_concepts_one_adapter_grid_and_offline_wandb(tiny_model_dir, tmp_pat
     # dog's tensors are untouched by removing the other concept
     assert all(torch.equal(v, saved[k]) for k, v in bank.state_dict().items())
     assert not torch.equal(both, dog_only)
+
+
+def test_sd2_layout_trains(tiny_v2_model_dir, tmp_path):
+    """SD-2.x differences ('!' padding, v-prediction, other token length) need no special casing."""
+    from ace_lightning.models.loading import load_components
+
+    comps = load_components(str(tiny_v2_model_dir))
+    assert comps.tokenizer.pad_token == "!" and comps.tokenizer.model_max_length == 20
+    assert comps.scheduler.config.prediction_type == "v_prediction"
+    m = run(tiny_cfg(tiny_v2_model_dir, tmp_path, "trainer.max_steps=3"))
+    assert m["train/global_step"] == 3 and m["train/gate_target"] > 0.5
