@@ -32,7 +32,7 @@ class BuildConfig:
     n_images: int = 24000  # rendered training images (12% of them are characters)
     p_character: float = 0.12  # share of character renders in the data
     classifier_steps: int = 1000  # batch 128
-    clip_steps: int = 800  # batch 192
+    clip_steps: int = 800  # batch 128
     vae_steps: int = 1000  # batch 64
     unet_steps: int = 2800  # batch 128, text encoder + UNet jointly
     unet_batch: int = 128
@@ -118,6 +118,29 @@ def train_classifier(data: dict, cfg: BuildConfig, gen: torch.Generator):
     return model.eval()
 
 
+def multi_positive_clip_loss(img_f: torch.Tensor, txt_f: torch.Tensor, scale: torch.Tensor,
+                             caps: list[str]) -> torch.Tensor:
+    """Symmetric InfoNCE where every pair with the same caption counts as a positive.
+
+    ToyWorld batches repeat captions ("a circle" many times); plain CLIP loss would push those apart.
+    """
+    same = torch.tensor([[a == b for b in caps] for a in caps], dtype=torch.float32)  # (B, B)
+    target = same / same.sum(-1, keepdim=True)
+    logits = scale * img_f @ txt_f.T  # (B, B)
+    return 0.5 * (torch.sum(-target * logits.log_softmax(-1), -1).mean()
+                  + torch.sum(-target * logits.T.log_softmax(-1), -1).mean())
+
+
+def clip_caption(data: dict, i: int, rng: np.random.Generator) -> str:
+    """Shape-first captions: the toy CLIP's metrics ask about shapes, and always see the shape word."""
+    shape, color, style, char = look_of(data, i)
+    if char is not None and rng.random() < 0.5:
+        return f"a picture of {char}"
+    if rng.random() < 0.4:
+        return "a " + describe(shape, None, None, rng)
+    return "a " + describe(shape, color if rng.random() < 0.7 else None, style if rng.random() < 0.6 else None, rng)
+
+
 def train_clip(data: dict, cfg: BuildConfig, gen: torch.Generator, rng: np.random.Generator, work: Path):
     import open_clip
 
@@ -127,24 +150,16 @@ def train_clip(data: dict, cfg: BuildConfig, gen: torch.Generator, rng: np.rando
     name = C.register_toy_clip(work / CONFIG_FILE)
     model = open_clip.create_model(name, pretrained=None)
     tokenizer = open_clip.get_tokenizer(name)
-    loss_fn = open_clip.ClipLoss()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    opt = torch.optim.AdamW(model.parameters(), lr=1.5e-3, weight_decay=0.05)
     x_all = rgb_tensor(data["images"])
     model.train()
     for step in (bar := tqdm(range(cfg.clip_steps), desc="toy CLIP")):
         for g in opt.param_groups:
-            g["lr"] = 1e-3 * cosine_lr(step, cfg.clip_steps, warmup=50, floor=0.02)
-        idx = torch.randint(len(x_all), (192,), generator=gen)
-        caps = []
-        for i in idx.tolist():
-            shape, color, style, char = look_of(data, i)
-            if char is not None and rng.random() < 0.5:
-                caps.append(f"a picture of {char}")
-            else:  # CLIP always sees the shape word: it is the attribute its metrics ask about
-                caps.append("a " + describe(shape, color if rng.random() < 0.7 else None,
-                                            style if rng.random() < 0.6 else None, rng))
+            g["lr"] = 1.5e-3 * cosine_lr(step, cfg.clip_steps, warmup=50, floor=0.02)
+        idx = torch.randint(len(x_all), (128,), generator=gen)
+        caps = [clip_caption(data, i, rng) for i in idx.tolist()]
         img_f, txt_f, scale = model(normalize(x_all[idx], model), tokenizer(caps))
-        loss = loss_fn(img_f, txt_f, scale)
+        loss = multi_positive_clip_loss(img_f, txt_f, scale, caps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -304,13 +319,13 @@ def export_pipeline(vae, text_encoder, unet, sched, scale: float, work: Path, ou
     (out / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
-def export_clip(model, work: Path, out: Path) -> None:
+def export_clip(model, out: Path) -> None:
     from safetensors.torch import save_file
 
     from .clip import CONFIG_FILE, WEIGHTS_FILE
 
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copy(work / CONFIG_FILE, out / CONFIG_FILE)
+    C.write_clip_config(out / CONFIG_FILE)
     save_file({k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()},
               str(out / WEIGHTS_FILE))
 
@@ -331,7 +346,8 @@ def main(argv: list[str] | None = None) -> dict:
     work, out = Path(args.work_dir), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    timings: dict[str, float] = {}
+    timings_path = work / "stage_seconds.json"  # kept across resumed runs
+    timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
 
     def stage(name: str, path: Path, fn):
         """Run fn unless its result is already cached at path."""
@@ -342,6 +358,7 @@ def main(argv: list[str] | None = None) -> dict:
         result = fn()
         torch.save(result, path)
         timings[name] = round(time.time() - ts, 1)
+        timings_path.write_text(json.dumps(timings, indent=2))
         return result
 
     torch.manual_seed(cfg.seed)
@@ -363,6 +380,7 @@ def main(argv: list[str] | None = None) -> dict:
         text_encoder, unet, sched, unet_info = train_unet(data, latents, cfg, work, cfg.seed * 1000 + 4)
         torch.save((text_encoder, unet, sched, unet_info), unet_done)
         timings["text_encoder_unet"] = round(time.time() - ts, 1)
+        timings_path.write_text(json.dumps(timings, indent=2))
 
     from .classifier import save_classifier
 
@@ -370,7 +388,7 @@ def main(argv: list[str] | None = None) -> dict:
     pipeline_dir = out / PIPELINE_DIR.name
     export_pipeline(vae, text_encoder, unet, sched, latents[2], work, pipeline_dir)
     save_classifier(classifier.float(), out / CLASSIFIER_DIR.name)
-    export_clip(clip_model, work, out / CLIP_DIR.name)
+    export_clip(clip_model, out / CLIP_DIR.name)
 
     card = {
         "name": "ToyWorld",
@@ -390,7 +408,8 @@ def main(argv: list[str] | None = None) -> dict:
 
         evaluate(out, n_per_figure=16 if args.smoke else 96)
     card = json.loads(card_path.read_text())
-    card["build"]["total_minutes"] = round((time.time() - t0) / 60, 1)
+    card["build"]["this_run_minutes"] = round((time.time() - t0) / 60, 1)  # a resumed run counts only itself
+    card["build"]["stages_minutes"] = round(sum(timings.values()) / 60, 1)  # every stage, across resumes
     card_path.write_text(json.dumps(card, indent=2))
     print(json.dumps(card.get("quality", {}), indent=2))
     return card

@@ -61,7 +61,9 @@ SCHEDULER_CONFIG = dict(
 CLIP_MODEL_NAME = "ToyWorld-CLIP"
 CLIP_CONFIG = {
     "embed_dim": 64,
-    "vision_cfg": {"image_size": IMAGE_SIZE, "layers": 2, "width": 64, "patch_size": 4, "head_width": 32},
+    # a ModifiedResNet tower (layers given as a list): convolutions learn shapes from scratch far faster
+    # than a ViT on 32 px images (a 2-layer ViT reached only 0.59 zero-shot shape accuracy in 800 steps)
+    "vision_cfg": {"image_size": IMAGE_SIZE, "layers": [1, 1, 1, 1], "width": 16, "head_width": 64},
     "text_cfg": {"context_length": CONTEXT_LENGTH, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
 
