@@ -77,6 +77,7 @@ class TrainerCfg:
     checkpoint_every: int = 50
     gradient_clip_val: float = 1.0
     enable_progress_bar: bool = True
+    threads: int = 0
 
 
 @dataclass

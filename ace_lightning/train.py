@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import torch
 from omegaconf import OmegaConf
 
 from ace_lightning.callbacks.closed_form import ClosedFormInit
@@ -29,6 +30,8 @@ from ace_lightning.utils import atomic_write_json, atomic_write_text
 
 def run(cfg) -> dict:
     t0 = time.perf_counter()
+    t = cfg.trainer
+    torch.set_num_threads(t.threads or max(1, (os.cpu_count() or 1) // max(1, t.devices)))
     L.seed_everything(cfg.seed, workers=True)
     requests = [ErasureRequest(**OmegaConf.to_container(c)) for c in cfg.concepts]
     run_dir = Path(cfg.output_dir) / (cfg.name or "+".join(slug(r.concept) for r in requests))
@@ -57,7 +60,6 @@ def run(cfg) -> dict:
         os.environ.setdefault("WANDB_MODE", cfg.logger.mode)
         logger = L.pytorch.loggers.WandbLogger(project=cfg.logger.project, save_dir=str(run_dir), name=run_dir.name)
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    t = cfg.trainer
     strategy = t.strategy
     if strategy == "auto" and t.devices > 1:  # a concept may be absent from one rank's batch: its gate gets no grad
         strategy = "ddp_find_unused_parameters_true"
