@@ -54,12 +54,13 @@ def run_one(s: Scenario) -> dict:
     factor = preserve_factor(P, s.d, 0.1, 1.0)  # once for every concept and layer
     Up = G.preserve_directions(P, 4)  # once for every concept's gate
     stacked = EditedWeights.stack(weights)
+    P_hat = G.unit_columns(P)
     t_factor = time.perf_counter() - t0
     results = solve_concepts(stacked, list(zip(Cs, Ns)), factor, 1.0, s.rank)  # D_k, SVD, and every B_k^l
     t_solve = time.perf_counter() - t0
     for C, res in zip(Cs, results):
         Q = G.gate_directions(C, s.gate_q, Up)
-        G.calibrate(G.scores(Q, C), G.scores(Q, P))
+        G.calibrate(G.scores(Q, C), G.scores(Q, P_hat, unit=True))
         assert res.A.shape == (s.rank, s.d)
     total = time.perf_counter() - t0
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

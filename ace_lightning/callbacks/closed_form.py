@@ -23,6 +23,7 @@ def initialize_bank(bank: AdapterBank, weights: dict[str, torch.Tensor], concept
     factor = preserve_factor(P, d, cf.lam, cf.s_p)  # shared by every concept and layer
     Up = G.preserve_directions(P, acfg.gate_project_out)  # shared by every concept's gate
     stacked = EditedWeights.stack(weights)
+    P_hat = G.unit_columns(P)  # (d, m), scored by every concept's gate
     stats = {}
     solved = solve_concepts(stacked, [(cd.C, cd.N) for cd in concepts], factor, cf.s_e, acfg.rank) if cf.enabled else None
     for i, cd in enumerate(concepts):
@@ -41,17 +42,18 @@ def initialize_bank(bank: AdapterBank, weights: dict[str, torch.Tensor], concept
             Q = G.gate_directions(cd.C, acfg.gate_q, Up)
             ad.Q = torch.zeros(d, acfg.gate_q)
             ad.Q[:, : Q.shape[1]] = Q
-            s_t, s_p = G.scores(ad.Q, cd.C), G.scores(ad.Q, P)
+            s_t, s_p = G.scores(ad.Q, cd.C), G.scores(ad.Q, P_hat, unit=True)
             if acfg.ungated:  # gate pinned open: the plain (UCE-like) low-rank edit
                 gamma, tau = 0.0, -1.0
             else:
                 gamma, tau = G.calibrate(s_t, s_p, target_gate=acfg.gate_target)
             ad.gamma.fill_(gamma)
             ad.tau.fill_(tau)
+            g_pres = ad.gate(P.T)  # (m,)
             stats[name] = {
                 "rank": A.shape[0], "energy_kept": energy, "gamma": gamma, "tau": tau,
-                "gate_target_mean": float(ad.gate(cd.C.T).mean()), "gate_preserve_mean": float(ad.gate(P.T).mean()),
-                "gate_preserve_max": float(ad.gate(P.T).max()),
+                "gate_target_mean": float(ad.gate(cd.C.T).mean()), "gate_preserve_mean": float(g_pres.mean()),
+                "gate_preserve_max": float(g_pres.max()),
             }
         if acfg.ungated:
             ad.gamma.requires_grad_(False)

@@ -33,9 +33,15 @@ def gate_directions(C: torch.Tensor, q: int, Up: torch.Tensor | None = None) -> 
     return U.float().contiguous()
 
 
-def scores(Q: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-    """``||Qᵀ x̂||²`` for columns X (d, n) -> (n,)."""
-    return (Q.T.double() @ _unit_cols(X.double())).pow(2).sum(0).float()
+def unit_columns(X: torch.Tensor) -> torch.Tensor:
+    """Columns scaled to unit norm, float64 (normalise a shared P once, then score it per concept)."""
+    return _unit_cols(X.double())
+
+
+def scores(Q: torch.Tensor, X: torch.Tensor, unit: bool = False) -> torch.Tensor:
+    """``||Qᵀ x̂||²`` for columns X (d, n) -> (n,); ``unit=True`` when X is already unit-norm float64."""
+    Xh = X if unit else _unit_cols(X.double())
+    return (Q.T.double() @ Xh).pow(2).sum(0).float()
 
 
 def calibrate(s_target: torch.Tensor, s_preserve: torch.Tensor, target_q: float = 0.05, preserve_q: float = 0.99,
