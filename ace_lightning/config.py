@@ -39,6 +39,7 @@ class AdapterCfg:
     targets: list[str] = field(default_factory=lambda: ["to_k", "to_v"])
     rank: int = 16
     gate_q: int = 8
+    gate_directions: str = "contrast"
     gate_project_out: int = 4
     gate_target: float = 0.95
     ungated: bool = False
@@ -91,6 +92,7 @@ class DataCfg:
     neighbours_vocab: int = 4000
     template_family: str = "auto"
     token_policy: str = "last+eos"
+    gate_preserve_tokens: str = "all"
     timesteps: dict[str, Any] = field(default_factory=lambda: {"name": "uniform"})
     cache_dir: str = ".cache/ace"
     num_workers: int = 0

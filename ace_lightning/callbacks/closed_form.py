@@ -12,18 +12,26 @@ from ace_lightning.method.adapter import AdapterBank
 from ace_lightning.method.closed_form import EditedWeights, preserve_factor, solve_concepts
 
 
-def initialize_bank(bank: AdapterBank, weights: dict[str, torch.Tensor], concepts, P: torch.Tensor, cf, acfg) -> dict:
+def initialize_bank(bank: AdapterBank, weights: dict[str, torch.Tensor], concepts, P: torch.Tensor, cf, acfg,
+                    P_gate: torch.Tensor | None = None) -> dict:
     """Fill ``bank`` with one gated adapter per concept (``concepts``: ConceptData list). Returns stats.
 
-    ``cf``: closed-form settings (enabled, lam, s_e, s_p); ``acfg``: adapter settings (rank, gate_q,
+    ``P`` (d, m): preserve tokens of the closed form; ``P_gate``: those the gate is calibrated to stay shut on
+    (default ``P``). ``cf``: closed-form settings (enabled, lam, s_e, s_p); ``acfg``: adapter settings (rank, gate_q,
     gate_project_out, gate_target, ungated). One factorisation of M serves every concept.
     """
     t0 = time.perf_counter()
     d = P.shape[0]
     factor = preserve_factor(P, d, cf.lam, cf.s_p)  # shared by every concept and layer
-    Up = G.preserve_directions(P, acfg.gate_project_out)  # shared by every concept's gate
+    P_gate = P if P_gate is None else P_gate
+    if acfg.gate_directions == "contrast":
+        Wh = G.preserve_whitener(P_gate)  # shared by every concept's gate
+    elif acfg.gate_directions == "svd":
+        Up = G.preserve_directions(P_gate, acfg.gate_project_out)  # shared by every concept's gate
+    else:
+        raise ValueError(f"adapter.gate_directions must be 'svd' or 'contrast', got {acfg.gate_directions!r}")
     stacked = EditedWeights.stack(weights)
-    P_hat = G.unit_columns(P)  # (d, m), scored by every concept's gate
+    P_hat = G.unit_columns(P_gate)  # (d, m'), scored by every concept's gate
     stats = {}
     solved = solve_concepts(stacked, [(cd.C, cd.N) for cd in concepts], factor, cf.s_e, acfg.rank) if cf.enabled else None
     for i, cd in enumerate(concepts):
@@ -39,7 +47,10 @@ def initialize_bank(bank: AdapterBank, weights: dict[str, torch.Tensor], concept
             ad.A.copy_(A)
             for k in weights:
                 ad.B[k].copy_(B[k])
-            Q = G.gate_directions(cd.C, acfg.gate_q, Up)
+            if acfg.gate_directions == "contrast":
+                Q = G.contrast_directions(cd.C, acfg.gate_q, Wh)
+            else:
+                Q = G.gate_directions(cd.C, acfg.gate_q, Up)
             ad.Q = torch.zeros(d, acfg.gate_q)
             ad.Q[:, : Q.shape[1]] = Q
             s_t, s_p = G.scores(ad.Q, cd.C), G.scores(ad.Q, P_hat, unit=True)
@@ -49,11 +60,13 @@ def initialize_bank(bank: AdapterBank, weights: dict[str, torch.Tensor], concept
                 gamma, tau = G.calibrate(s_t, s_p, target_gate=acfg.gate_target)
             ad.gamma.fill_(gamma)
             ad.tau.fill_(tau)
-            g_pres = ad.gate(P.T)  # (m,)
+            g_pres = ad.gate(P_gate.T)  # (m',)
             stats[name] = {
                 "rank": A.shape[0], "energy_kept": energy, "gamma": gamma, "tau": tau,
                 "gate_target_mean": float(ad.gate(cd.C.T).mean()), "gate_preserve_mean": float(g_pres.mean()),
                 "gate_preserve_max": float(g_pres.max()),
+                "score_target_q05_q50": [float(torch.quantile(s_t.double(), q)) for q in (0.05, 0.5)],
+                "score_preserve_q50_q99": [float(torch.quantile(s_p.double(), q)) for q in (0.5, 0.99)],
             }
         if acfg.ungated:
             ad.gamma.requires_grad_(False)
@@ -77,6 +90,6 @@ class ClosedFormInit(L.Callback):
         from ace_lightning.method.adapter import base_weights
 
         weights = base_weights(pl_module.unet, self.acfg.targets)
-        self.stats = initialize_bank(pl_module.bank, weights, dm.concepts, dm.P, self.cf, self.acfg)
+        self.stats = initialize_bank(pl_module.bank, weights, dm.concepts, dm.P, self.cf, self.acfg, dm.P_gate)
         pl_module.bank.to(pl_module.device)
         pl_module.init_stats = self.stats

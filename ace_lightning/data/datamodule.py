@@ -124,8 +124,12 @@ class ErasureDataModule(L.LightningDataModule):
         if not self.preserve_prompts:
             raise ValueError("no preserve prompts left after removing those that mention an erased concept")
         self.preserve_emb, ids = encode_prompts(c.text_encoder, c.tokenizer, self.preserve_prompts)  # (m, T, d)
-        self.preserve_mask = token_mask(ids, c.tokenizer.eos_token_id)  # (m, T)
-        self.P = self.preserve_emb[self.preserve_mask].T.contiguous()  # (d, tokens)
+        nonpad = token_mask(ids, c.tokenizer.eos_token_id)  # (m, T)
+        self.P = self.preserve_emb[nonpad].T.contiguous()  # (d, tokens): the closed form's preserve set (spec)
+        # the gate must stay shut on every token the UNet attends to, padding included (padding EOS tokens
+        # carry the prompt's content through the causal encoder): measured to fire on all pads otherwise
+        self.preserve_mask = nonpad if cfg.gate_preserve_tokens == "nonpad" else torch.ones_like(nonpad)
+        self.P_gate = self.preserve_emb[self.preserve_mask].T.contiguous()  # (d, tokens)
 
         latents = LatentCache(cache, self.fingerprint, self.sampler)
         pipe = c.pipeline()

@@ -38,6 +38,27 @@ def unit_columns(X: torch.Tensor) -> torch.Tensor:
     return _unit_cols(X.double())
 
 
+def preserve_whitener(P: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """``(S_p + ε·tr(S_p)/d·I)^{-1/2}`` (d, d) for unit preserve columns; computed once per run."""
+    Ph = _unit_cols(P.double())  # (d, m)
+    d = Ph.shape[0]
+    S = Ph @ Ph.T / Ph.shape[1]  # (d, d)
+    lam, E = torch.linalg.eigh(S + eps * float(torch.trace(S)) / d * torch.eye(d, dtype=torch.float64))
+    return (E * lam.rsqrt()) @ E.T
+
+
+def contrast_directions(C: torch.Tensor, q: int, Wh: torch.Tensor) -> torch.Tensor:
+    """Q (d, q) = Wh U: the score ``||Qᵀ ĉ||² = ||Uᵀ Wh ĉ||²`` is the targets' top-q energy measured in the
+    preserve-whitened space (U: top left singular vectors of the whitened unit targets), i.e. energy where
+    targets have it *relative to* the preserves. Q is orthonormal in the whitened metric, not in text space."""
+    X = Wh @ _unit_cols(C.double())  # (d, n) whitened targets
+    sig2, W = torch.linalg.eigh(X.T @ X)  # Gram (n, n), ascending
+    sig2, W = sig2.flip(0)[:q], W.flip(1)[:, :q]
+    keep = sig2 > 1e-12 * sig2[:1].clamp_min(1e-300)
+    U = (X @ W[:, keep]) / sig2[keep].sqrt()  # (d, q') orthonormal in whitened space
+    return (Wh @ U).float().contiguous()
+
+
 def scores(Q: torch.Tensor, X: torch.Tensor, unit: bool = False) -> torch.Tensor:
     """``||Qᵀ x̂||²`` for columns X (d, n) -> (n,); ``unit=True`` when X is already unit-norm float64."""
     Xh = X if unit else _unit_cols(X.double())
@@ -46,15 +67,18 @@ def scores(Q: torch.Tensor, X: torch.Tensor, unit: bool = False) -> torch.Tensor
 
 def calibrate(s_target: torch.Tensor, s_preserve: torch.Tensor, target_q: float = 0.05, preserve_q: float = 0.99,
               target_gate: float = 0.95) -> tuple[float, float]:
-    """(γ, τ): τ midway between the targets' ``target_q`` and the preserves' ``preserve_q`` quantiles,
-    γ so that a target at that quantile gates at ``target_gate``."""
+    """(γ, τ) from the targets' ``target_q`` quantile ``lo`` and the preserves' ``preserve_q`` quantile ``hi``.
+
+    τ = (lo + hi)/2. Separable (lo > hi): γ puts ``lo`` at ``target_gate``. Overlapping (lo ≤ hi): γ puts the
+    overlap's ends at 1 − target_gate and target_gate (the transition band covers exactly the ambiguous
+    scores), with a warning; stage 2 trains γ and τ further.
+    """
     lo = float(torch.quantile(s_target.double(), target_q))
     hi = float(torch.quantile(s_preserve.double(), preserve_q)) if s_preserve.numel() else 0.0
     tau = 0.5 * (lo + hi)
-    gap = lo - tau
-    if gap < 1e-3:
+    if lo <= hi:
         warnings.warn(
-            f"gate cannot separate targets from preserves (target q{target_q}={lo:.3f} <= preserve q{preserve_q}={hi:.3f});"
-            " stage 2 will train gamma/tau", stacklevel=2)
-        gap = 1e-2
+            f"gate: target q{target_q} ({lo:.3g}) <= preserve q{preserve_q} ({hi:.3g}); the overlap becomes the "
+            "gate's transition band and stage 2 trains gamma/tau", stacklevel=2)
+    gap = max(abs(lo - tau), 1e-12)
     return math.log(target_gate / (1 - target_gate)) / gap, tau
