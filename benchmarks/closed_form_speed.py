@@ -48,18 +48,18 @@ def run_one(s: Scenario) -> dict:
     # warm-up on toy sizes: loads the LAPACK kernels, so the timing is the steady-state cost
     f0 = preserve_factor(P[:8, :4], 8, 0.1, 1.0)
     solve_concept({"w": weights["b0.k"][:, :8]}, Cs[0][:8, :2], Ns[0][:8, :2], f0, 1.0, 2)
-    G.gate_directions(Cs[0][:8, :4], 2, G.preserve_directions(P[:8, :8], 2))
+    G.contrast_directions(Cs[0][:8, :4], 2, G.preserve_whitener(P[:8, :8]))
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
     factor = preserve_factor(P, s.d, 0.1, 1.0)  # once for every concept and layer
-    Up = G.preserve_directions(P, 4)  # once for every concept's gate
+    Wh = G.preserve_whitener(P)  # once for every concept's gate (default 'contrast' directions)
     stacked = EditedWeights.stack(weights)
     P_hat = G.unit_columns(P)
     t_factor = time.perf_counter() - t0
     results = solve_concepts(stacked, list(zip(Cs, Ns)), factor, 1.0, s.rank)  # D_k, SVD, and every B_k^l
     t_solve = time.perf_counter() - t0
     for C, res in zip(Cs, results):
-        Q = G.gate_directions(C, s.gate_q, Up)
+        Q = G.contrast_directions(C, s.gate_q, Wh)
         G.calibrate(G.scores(Q, C), G.scores(Q, P_hat, unit=True))
         assert res.A.shape == (s.rank, s.d)
     total = time.perf_counter() - t0
