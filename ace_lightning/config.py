@@ -55,7 +55,7 @@ class ClosedFormCfg:
 
 @dataclass
 class LossCfg:
-    eta: float = 0.0
+    eta: float = 1.0
     alpha_pres: float = 1.0
     alpha_gate: float = 0.1
 
