@@ -26,26 +26,18 @@ RENDER_SEED = 900_000_000  # fresh renders, disjoint from the build's training s
 
 
 def load_pipeline(path: str | Path | None = None):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    """The shipped pipeline (or one at ``path``) with the DDIM sampler."""
+    from ace_lightning.models.loading import load_components
+    from ace_lightning.models.sampling import SamplerSettings
 
-    pipe = StableDiffusionPipeline.from_pretrained(
-        str(path or PIPELINE_DIR), safety_checker=None, requires_safety_checker=False, local_files_only=True
-    )
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return SamplerSettings(scheduler="ddim").apply(load_components(path).pipeline())
 
 
-@torch.no_grad()
 def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float, batch_size: int = 32):
-    """(B, 3, H, W) images in [0, 1]; one generator per row so results do not depend on batching."""
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        gens = [torch.Generator().manual_seed(s) for s in seeds[i : i + batch_size]]
-        res = pipe(prompts[i : i + batch_size], num_inference_steps=steps, guidance_scale=guidance,
-                   generator=gens, output_type="pt", eta=0.0)
-        out.append(res.images.float().cpu())
-    return torch.cat(out)
+    """(B, 3, H, W) images in [0, 1] via the project's sampler (one generator per row)."""
+    from ace_lightning.models.sampling import generate as sample
+
+    return sample(pipe, prompts, seeds, steps, guidance, batch_size=batch_size, progress=False)
 
 
 def renders(n: int, seed: int) -> tuple[torch.Tensor, list[tuple[str, str, str]]]:
