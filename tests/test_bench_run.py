@@ -138,6 +138,7 @@ def test_several_adapters_in_one_run(one_process_run, tiny_suite, tiny_model_dir
     m = json.loads((out / "metrics.json").read_text())
     assert list(m["results"]) == ["base", "circle", "square"] and m["settings"]["run"] == "base+circle+square"
     assert m["settings"]["erased"] == ["circle", "square"]  # taken from the adapters' metadata
+    assert set(m["settings"]["adapter_sha256"]) == {"circle", "square"}
     assert json.dumps(res) == json.dumps(m["results"]["square"])  # the last variant is primary (bench/<name>)
     base, c, s = _pngs(out, "base"), _pngs(out, "circle"), _pngs(out, "square")
     assert len(base) == len(c) == len(s) == 8  # 2 classes x (name + synonym) x 1 template x 2 seeds

@@ -33,7 +33,7 @@ def test_toy_suite_end_to_end(suite, tmp_path):
                 "templates=1", "images_per_prompt=1", "steps=10"])
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["settings"]["sampler"]["steps"] == 10 and m["settings"]["erased"] == [erased]
-    assert all(i["scorer"].startswith("toy_") for i in m["settings"]["scorers"].values())
+    assert all(i["scorer"].startswith("toy_") and i["weights_sha256"] for i in m["settings"]["scorers"].values())
     n_rows = len(list((tmp_path / "images" / "base").glob("*.png")))
     assert n_rows == (2 if suite == "toy-characters" else 4)  # (name [+ erased synonyms]) x 1 template x 1 seed
     nums = [v for k, v in res.items() if k.split("/")[-1] in ("Acc_e", "Acc_s", "Acc_e_prob", "Acc_s_prob")]

@@ -121,11 +121,12 @@ def _settings(cfg, suite, sampler, sel, variants, run, metrics, scorers, skey, m
     import torchmetrics
 
     import ace_lightning
+    from ace_lightning.bench.scorers import file_digest
 
     by_key = {v: k for k, v in skey.items()}
     return {
         "suite": suite.name, "suite_file": suite.path, "run": run, "model": model or "ToyWorld", "dtype": cfg.dtype,
-        "variants": variants, "sampler": sampler, "images_per_prompt": sel.images_per_prompt, "seed": sel.seed,
+        "variants": variants, "adapter_sha256": {v: file_digest(a) for v, a in variants.items() if a}, "sampler": sampler, "images_per_prompt": sel.images_per_prompt, "seed": sel.seed,
         "seeds": f"{sel.seed}..{sel.seed + sel.images_per_prompt - 1} per prompt (csv seed_column overrides)",
         "erased": sel.erased, "classes": sel.classes, "templates": sel.templates, "limit": sel.limit, "csv": sel.csv,
         "prompts": suite.prompts_cfg, "devices": cfg.devices, "batch_size": cfg.batch_size or suite.batch_size,

@@ -192,8 +192,10 @@ def _toy_clip():
     except FileNotFoundError as e:
         raise ScorerWeightsError(str(e)) from e
     from ace_lightning.toyworld import CLIP_DIR
+    from ace_lightning.toyworld.clip import WEIGHTS_FILE
 
-    return model, preprocess, tokenizer, {"model": "ToyWorld-CLIP", "pretrained": str(CLIP_DIR)}
+    return model, preprocess, tokenizer, {"model": "ToyWorld-CLIP", "pretrained": str(CLIP_DIR),
+                                          "weights_sha256": file_digest(CLIP_DIR / WEIGHTS_FILE)}
 
 
 @register("scorer", "toy_clip_zero_shot")
@@ -305,8 +307,11 @@ class ToyClassifierScorer(Scorer):
             self.clf.eval().requires_grad_(False)
         self.head = head
         from ace_lightning.toyworld import CLASSIFIER_DIR
+        from ace_lightning.toyworld.classifier import WEIGHTS_FILE
 
-        self._info = {"scorer": "toy_classifier", "head": head, "weights": str(path or CLASSIFIER_DIR)}
+        wdir = Path(path or CLASSIFIER_DIR)
+        self._info = {"scorer": "toy_classifier", "head": head, "weights": str(wdir),
+                      "weights_sha256": file_digest(wdir / WEIGHTS_FILE)}
 
     def info(self) -> dict:
         return dict(self._info)
