@@ -56,7 +56,7 @@ class ClosedFormCfg:
 @dataclass
 class LossCfg:
     eta: float = 1.0
-    alpha_pres: float = 1.0
+    alpha_pres: float = 5.0
     alpha_gate: float = 0.1
 
 
@@ -85,9 +85,9 @@ class TrainerCfg:
 class DataCfg:
     batch_size: int = 4
     prompts_per_concept: int = 32
-    preserve_prompts: int = 48
+    preserve_prompts: int = 96
     latents_per_concept: int = 16
-    latents_preserve: int = 32
+    latents_preserve: int = 96
     neighbours_k: int = 3
     neighbours_vocab: int = 4000
     template_family: str = "auto"

@@ -66,3 +66,33 @@ def test_erase_circle_keeps_other_shapes(tmp_path):
     assert share <= chance_bound, share
     assert syn_share <= chance_bound, syn_share
     assert other_acc >= 0.85, other_acc
+
+
+def test_erase_style_keeps_other_styles(tmp_path):
+    """A style shares its token direction with every other style word: erasing one must not flatten the rest."""
+    from ace_lightning import apply_adapter
+    from ace_lightning.config import load_config
+    from ace_lightning.models.loading import load_components
+    from ace_lightning.models.sampling import SamplerSettings, generate
+    from ace_lightning.toyworld.classifier import load_classifier
+    from ace_lightning.toyworld.world import SHAPES, STYLES
+    from ace_lightning.train import run
+
+    erased, shapes = "dotted", list(SHAPES)
+    run(load_config([f"concept={erased}", f"output_dir={tmp_path}", f"data.cache_dir={tmp_path}/cache",
+                     "logger.wandb=false", "grid.enabled=false", "trainer.enable_progress_bar=false"]))
+    pipe = SamplerSettings(steps=20).apply(load_components(None).pipeline())
+    clf = load_classifier()
+
+    def style_acc(word, label, n=16):
+        prompts = [f"a {['red', 'green', 'blue'][i % 3]} {word} {shapes[i % len(shapes)]}" for i in range(n)]
+        pred = clf.predict(generate(pipe, prompts, list(range(n)), 20, 5.0, progress=False))["style"]
+        return float((pred == clf.labels["style"].index(label)).float().mean())
+
+    chance_bound = 1.5 / len(STYLES)
+    assert style_acc(erased, erased) > chance_bound  # the untouched model draws it: the test is not vacuous
+    apply_adapter(pipe, tmp_path / erased / "adapter.safetensors")
+    assert style_acc(erased, erased) <= chance_bound
+    assert style_acc(STYLES[erased][0], erased) <= chance_bound  # synonym
+    kept = {s: style_acc(s, s) for s in STYLES if s != erased}
+    assert min(kept.values()) >= 0.85, kept
