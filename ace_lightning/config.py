@@ -85,9 +85,9 @@ class TrainerCfg:
 class DataCfg:
     batch_size: int = 4
     prompts_per_concept: int = 32
-    preserve_prompts: int = 96
+    preserve_prompts: int = 160
     latents_per_concept: int = 16
-    latents_preserve: int = 96
+    latents_preserve: int = 160
     neighbours_k: int = 3
     neighbours_vocab: int = 4000
     template_family: str = "auto"

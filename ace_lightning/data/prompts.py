@@ -56,7 +56,7 @@ TEMPLATES: dict[str, dict[str, list[str]]] = {
         "object": ["a {}", "a {color} {}", "a {style} {}", "a {color} {style} {}", "a picture of a {color} {}",
                    "a drawing of a {style} {}", "an image of a {color} {style} {}", "a photo of a {}"],
         "style": ["a {} {shape}", "a {color} {} {shape}", "a picture of a {} {shape}", "a drawing of a {color} {} {shape}",
-                  "an image of a {} {shape}"],
+                  "an image of a {} {shape}", "a {} shape", "a picture of a {color} {} object"],
         "person": ["{}", "a picture of {}", "a drawing of {}", "an image of {}", "a photo of {}"],
         "nsfw": ["a {} {shape}"],
     },
@@ -121,7 +121,9 @@ def preserve_prompts(requests: list[ErasureRequest], family: str, n: int, seed: 
     if family == "toyworld":
         from ace_lightning.toyworld.world import CHARACTERS, COLORS, SHAPES, STYLES
 
-        pool = [f"a {c} {st} {sh}" for sh in SHAPES for c in COLORS for st in STYLES]
+        nouns = [*SHAPES, "shape", "object"]
+        pool = [f"a {c} {st} {sh}" for sh in nouns for c in COLORS for st in STYLES]
+        pool += [f"a {st} {sh}" for sh in nouns for st in STYLES]  # short prompts: their padding differs
         pool += [f"a {sh}" for sh in SHAPES] + [f"a {st} shape" for st in STYLES] + [f"a picture of {c}" for c in CHARACTERS]
     else:
         pool = list(GENERAL_SD_PROMPTS)
