@@ -62,15 +62,10 @@ def load_classifier(path: str | Path | None = None, device: str = "cpu") -> ToyC
     """Load the shipped classifier (or one saved at `path`) in eval mode."""
     from safetensors.torch import load_file
 
-    from . import CLASSIFIER_DIR
+    from . import CLASSIFIER_DIR, require_files
 
     path = Path(path) if path is not None else CLASSIFIER_DIR
-    missing = [f for f in (WEIGHTS_FILE, LABELS_FILE) if not (path / f).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"ToyWorld classifier not found: {', '.join(str(path / f) for f in missing)} missing; "
-            "build it with `make toyworld`"
-        )
+    require_files(path, (WEIGHTS_FILE, LABELS_FILE), "ToyWorld classifier")
     model = ToyClassifier(json.loads((path / LABELS_FILE).read_text()))
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path / WEIGHTS_FILE)).items()}
     model.load_state_dict(state)

@@ -16,15 +16,10 @@ def load_toy_clip(device: str = "cpu", path: str | Path | None = None):
     import open_clip
     from safetensors.torch import load_file
 
-    from . import CLIP_DIR
+    from . import CLIP_DIR, require_files
 
     path = Path(path) if path is not None else CLIP_DIR
-    missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if not (path / f).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"ToyWorld CLIP not found: {', '.join(str(path / f) for f in missing)} missing; "
-            "build it with `make toyworld`"
-        )
+    require_files(path, (CONFIG_FILE, WEIGHTS_FILE), "ToyWorld CLIP")
     name = register_toy_clip(path / CONFIG_FILE)
     model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, device="cpu")
     state = {k: v.float() for k, v in load_file(str(path / WEIGHTS_FILE)).items()}
