@@ -10,6 +10,7 @@ import torch
 from ace_lightning.method import gate as G
 from ace_lightning.method.adapter import AdapterBank
 from ace_lightning.method.closed_form import EditedWeights, preserve_factor, solve_concepts
+from ace_lightning.registry import lookup
 
 
 def initialize_bank(bank: AdapterBank, weights: dict[str, torch.Tensor], concepts, P: torch.Tensor, cf, acfg,
@@ -24,12 +25,7 @@ def initialize_bank(bank: AdapterBank, weights: dict[str, torch.Tensor], concept
     d = P.shape[0]
     factor = preserve_factor(P, d, cf.lam, cf.s_p)  # shared by every concept and layer
     P_gate = P if P_gate is None else P_gate
-    if acfg.gate_directions == "contrast":
-        Wh = G.preserve_whitener(P_gate)  # shared by every concept's gate
-    elif acfg.gate_directions == "svd":
-        Up = G.preserve_directions(P_gate, acfg.gate_project_out)  # shared by every concept's gate
-    else:
-        raise ValueError(f"adapter.gate_directions must be 'svd' or 'contrast', got {acfg.gate_directions!r}")
+    directions = lookup("gate_directions", acfg.gate_directions)(P_gate, acfg.gate_q, acfg.gate_project_out)
     stacked = EditedWeights.stack(weights)
     P_hat = G.unit_columns(P_gate)  # (d, m'), scored by every concept's gate
     stats = {}
@@ -47,10 +43,7 @@ def initialize_bank(bank: AdapterBank, weights: dict[str, torch.Tensor], concept
             ad.A.copy_(A)
             for k in weights:
                 ad.B[k].copy_(B[k])
-            if acfg.gate_directions == "contrast":
-                Q = G.contrast_directions(cd.C, acfg.gate_q, Wh)
-            else:
-                Q = G.gate_directions(cd.C, acfg.gate_q, Up)
+            Q = directions(cd.C)  # (d, q')
             ad.Q = torch.zeros(d, acfg.gate_q)
             ad.Q[:, : Q.shape[1]] = Q
             s_t, s_p = G.scores(ad.Q, cd.C), G.scores(ad.Q, P_hat, unit=True)

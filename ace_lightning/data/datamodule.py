@@ -29,7 +29,7 @@ from ace_lightning.data.prompts import (
 )
 from ace_lightning.method.text import encode_prompts, find_span, paired_positions, phrase_ids, token_mask
 from ace_lightning.models.sampling import SamplerSettings, generate
-from ace_lightning.registry import build
+from ace_lightning.registry import ConfigError, build
 
 
 @dataclass
@@ -128,7 +128,10 @@ class ErasureDataModule(L.LightningDataModule):
         self.P = self.preserve_emb[nonpad].T.contiguous()  # (d, tokens): the closed form's preserve set (spec)
         # the gate must stay shut on every token the UNet attends to, padding included (padding EOS tokens
         # carry the prompt's content through the causal encoder): measured to fire on all pads otherwise
-        self.preserve_mask = nonpad if cfg.gate_preserve_tokens == "nonpad" else torch.ones_like(nonpad)
+        masks = {"nonpad": nonpad, "all": torch.ones_like(nonpad)}
+        if cfg.gate_preserve_tokens not in masks:
+            raise ConfigError(f"data.gate_preserve_tokens must be one of {sorted(masks)}, got {cfg.gate_preserve_tokens!r}")
+        self.preserve_mask = masks[cfg.gate_preserve_tokens]
         self.P_gate = self.preserve_emb[self.preserve_mask].T.contiguous()  # (d, tokens)
 
         latents = LatentCache(cache, self.fingerprint, self.sampler)

@@ -145,14 +145,7 @@ def solve_concept(
     rank: int,
 ) -> ClosedFormResult:
     """Closed form for one concept over all edited projections (key -> W (o, d), or pre-stacked)."""
-    if not isinstance(weights, EditedWeights):
-        weights = EditedWeights.stack(weights)
-    delta = concept_delta(C, N, factor, s_e)
-    US, Vt, s = factorize(delta, rank)
-    r = Vt.shape[0]
-    energy = float((s[:r] ** 2).sum() / (s**2).sum().clamp_min(1e-300))
-    B = weights.split(weights.W @ US.float())  # (o, r) each
-    return ClosedFormResult(A=Vt.to(torch.float32), B=B, singular_values=s, energy_kept=energy)
+    return solve_concepts(weights, [(C, N)], factor, s_e, rank)[0]
 
 
 def solve_concepts(

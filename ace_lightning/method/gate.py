@@ -7,6 +7,8 @@ import warnings
 
 import torch
 
+from ace_lightning.registry import register
+
 
 def _unit_cols(X: torch.Tensor) -> torch.Tensor:
     return X / X.norm(dim=0, keepdim=True).clamp_min(1e-8)
@@ -82,3 +84,17 @@ def calibrate(s_target: torch.Tensor, s_preserve: torch.Tensor, target_q: float 
             "gate's transition band and stage 2 trains gamma/tau", stacklevel=2)
     gap = max(abs(lo - tau), 1e-12)
     return math.log(target_gate / (1 - target_gate)) / gap, tau
+
+
+# Gate-direction strategies: built once per run from the gate's preserve tokens P (d, m); each returns the
+# per-concept map C (d, n) -> Q (d, q).
+@register("gate_directions", "contrast")
+def contrast_strategy(P: torch.Tensor, q: int, project_out: int):
+    Wh = preserve_whitener(P)  # shared by every concept
+    return lambda C: contrast_directions(C, q, Wh)
+
+
+@register("gate_directions", "svd")
+def svd_strategy(P: torch.Tensor, q: int, project_out: int):
+    Up = preserve_directions(P, project_out)  # shared by every concept
+    return lambda C: gate_directions(C, q, Up)
