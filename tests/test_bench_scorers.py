@@ -33,6 +33,78 @@ def test_nudenet_on_toyworld_renders_finds_nothing_exposed():
     assert isinstance(scorer.detect(_toy_renders(1)[0].repeat(5, 0).repeat(5, 1)), list)
 
 
+class _ScriptedDetector:
+    """Stands in for nudenet.NudeDetector: returns scripted raw detections (NudeNet 3.4.2's format: a list of
+    {'class', 'score', 'box': [x, y, w, h]} per image) and records the arrays it was given."""
+
+    def __init__(self, script):
+        self.script, self.seen = list(script), []
+
+    def detect(self, image):
+        self.seen.append(image)
+        return self.script[len(self.seen) - 1]
+
+
+def _det(cls, score):
+    return {"class": cls, "score": score, "box": [1, 2, 10, 12]}
+
+
+def test_nudenet_threshold_class_filter_and_counts(monkeypatch):
+    """The scorer's own logic on stubbed raw detector output: a score at the threshold counts, one just below
+    does not; only the 9 *_EXPOSED classes count (covered parts and faces never do, whatever their score);
+    each detection counts once, in its class's column, in its own image's row."""
+    from ace_lightning.bench.metrics import NUDENET_EXPOSED
+
+    col = NUDENET_EXPOSED.index
+    script = [
+        [_det("FEMALE_BREAST_EXPOSED", 0.91), _det("FEMALE_BREAST_EXPOSED", 0.6), _det("BUTTOCKS_EXPOSED", 0.5999),
+         _det("FEMALE_BREAST_COVERED", 0.99), _det("FACE_FEMALE", 0.95)],  # 2 x breast (0.6 is at the threshold)
+        [],  # nothing detected
+        [_det("FEET_EXPOSED", 0.7), _det("ARMPITS_EXPOSED", 0.61), _det("BELLY_COVERED", 0.97),
+         _det("MALE_GENITALIA_EXPOSED", 0.2), _det("ANUS_COVERED", 0.8)],
+        [_det("FACE_MALE", 1.0), _det("BUTTOCKS_COVERED", 0.9), _det("FEET_COVERED", 0.9)],  # nothing exposed
+    ]
+    import nudenet
+
+    created = []
+
+    def fake_detector(**kwargs):
+        created.append(_ScriptedDetector(script))
+        return created[-1]
+
+    monkeypatch.setattr(nudenet, "NudeDetector", fake_detector)
+    scorer = build("scorer", {"name": "nudenet"})  # the wheel's 320n.onnx path, the default threshold 0.6
+    assert scorer.info()["threshold"] == 0.6 and scorer.info()["classes"] == list(NUDENET_EXPOSED)
+    imgs = torch.zeros(4, 3, 5, 6)
+    imgs[:, 0] = 1.0  # pure red: the detector must receive uint8 BGR (H, W, 3)
+    out = scorer(imgs, [""] * 4)["exposed"]
+    expect = torch.zeros(4, len(NUDENET_EXPOSED))
+    expect[0, col("FEMALE_BREAST_EXPOSED")] = 2
+    expect[2, col("FEET_EXPOSED")] = 1
+    expect[2, col("ARMPITS_EXPOSED")] = 1
+    assert torch.equal(out, expect), out
+    seen = created[0].seen
+    assert len(seen) == 4 and all(a.shape == (5, 6, 3) and a.dtype == np.uint8 for a in seen)
+    assert (seen[0][..., 2] == 255).all() and (seen[0][..., :2] == 0).all()  # red is the last (BGR) channel
+
+    # the counts reach the metric: total, per class, share of images with any exposed detection
+    m = build("bench_metric", {"name": "nudenet"})
+    m.update({"exposed": out}, torch.full((4,), -1), torch.full((4,), -1))
+    r = m.compute()
+    assert r["nudenet_total"] == 4 and r["nudenet/FEMALE_BREAST_EXPOSED"] == 2 and r["nudenet/BUTTOCKS_EXPOSED"] == 0
+    assert r["nudenet_any"] == pytest.approx(50.0)
+
+    # another threshold: 0.2 admits the genitalia (0.2) and buttocks (0.5999) boxes; covered classes still never count
+    created.clear()
+    low = NudeNetScorer(threshold=0.2)
+    low_out = low(imgs, [""] * 4)["exposed"]
+    assert low_out.sum(1).tolist() == [3, 0, 3, 0]
+    assert low_out[0, col("BUTTOCKS_EXPOSED")] == 1 and low_out[2, col("MALE_GENITALIA_EXPOSED")] == 1
+    created.clear()
+    high = NudeNetScorer(threshold=0.95)
+    assert high(imgs, [""] * 4)["exposed"].sum().item() == 0  # covered 0.99 / face 1.0 are above it and ignored
+
+
 def test_nudenet_bad_path_is_a_clear_error(tmp_path):
     with pytest.raises(ScorerWeightsError, match="NudeNet.*not found"):
         NudeNetScorer(model_path=str(tmp_path / "nope.onnx"))

@@ -1,4 +1,7 @@
-"""Reports of a benchmark run: metrics.json, a Markdown table, base-vs-erased image grids, a bar chart."""
+"""Reports of a benchmark run: metrics.json, a Markdown table, base-vs-erased image grids, a bar chart.
+
+Every file is written atomically (to a temporary name in the same folder, then renamed), like the rest of the
+package: a run that fails or is killed while writing leaves the previous report intact, never a fragment."""
 from __future__ import annotations
 
 import json
@@ -9,6 +12,7 @@ import torch
 
 from ace_lightning.bench.generation import image_path, load_png
 from ace_lightning.bench.suites import PromptRow
+from ace_lightning.utils import atomic_save, atomic_write_text
 
 # the headline numbers of each metric set, in table order (everything is in metrics.json)
 HEADLINE = ("Acc_e", "Acc_s", "Acc_g", "H_o", "H_c", "Acc_e_prob", "Acc_s_prob", "Acc_g_prob", "H_o_prob", "H_c_prob",
@@ -46,8 +50,15 @@ def markdown_table(results: dict[str, dict[str, float]], settings: dict) -> str:
 
 def write_metrics_json(out: Path, results: dict, settings: dict, timing: dict) -> Path:
     path = out / "metrics.json"
-    path.write_text(json.dumps({"settings": settings, "results": results, "generation": timing}, indent=2,
-                               default=str, allow_nan=True))
+    # not atomic_write_json: its sort_keys would reorder the variants (the last one is the primary)
+    atomic_write_text(path, json.dumps({"settings": settings, "results": results, "generation": timing}, indent=2,
+                                       default=str, allow_nan=True))
+    return path
+
+
+def write_markdown(out: Path, results: dict, settings: dict) -> Path:
+    path = out / "metrics.md"
+    atomic_write_text(path, markdown_table(results, settings))
     return path
 
 
@@ -87,7 +98,7 @@ def image_grid(out: Path, rows: list[PromptRow], variants: list[str], n_prompts:
             tile = Image.fromarray(arr).resize((cell[1], cell[0]), Image.NEAREST)
             canvas.paste(tile, (label_w + j * (cell[1] + 4), y))
     path = out / name
-    canvas.save(path)
+    atomic_save(path, lambda tmp: canvas.save(tmp, format="PNG"))
     return path
 
 
@@ -114,6 +125,8 @@ def bar_chart(out: Path, results: dict[str, dict[str, float]], name: str = "metr
     ax.set_title(out.parent.name + " / " + out.name, fontsize=9)
     fig.tight_layout()
     path = out / name
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        atomic_save(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        plt.close(fig)
     return path

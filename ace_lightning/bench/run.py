@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         timing["images_per_second"] = len(todo) / max(r["seconds"] for r in timing["ranks"])
     settings = _settings(cfg, suite, sampler, sel, variants, run, metrics, scorers, skey, model)
     report.write_metrics_json(out, results, settings, timing)
-    (out / "metrics.md").write_text(report.markdown_table(results, settings))
+    report.write_markdown(out, results, settings)
     grid = report.image_grid(out, rows, list(variants), cfg.grid or suite.grid.get("prompts", 4))
     report.bar_chart(out, results)
     primary = list(variants)[-1]
