@@ -90,6 +90,7 @@ class DataCfg:
     latents_preserve: int = 160
     neighbours_k: int = 3
     neighbours_vocab: int = 4000
+    neighbours_min_z: float = 3.0
     template_family: str = "auto"
     token_policy: str = "last+eos"
     gate_preserve_tokens: str = "all"

@@ -9,7 +9,7 @@ import torch
 
 from ace_lightning import __version__
 from ace_lightning.method.adapter import AdapterBank, bank_of, inject, remove
-from ace_lightning.models.loading import model_fingerprint
+from ace_lightning.models.loading import ROUNDOFF, model_fingerprint, signature_matches, weight_signature
 
 FORMAT = "ace_lightning.adapter/1"
 
@@ -18,7 +18,10 @@ class AdapterError(ValueError):
     """An adapter file is corrupted, of another format, or made for another base model."""
 
 
-def save_adapter(path, bank: AdapterBank, requests, base_model: str, fingerprint: str, targets, config_yaml: str = "") -> Path:
+def save_adapter(path, bank: AdapterBank, requests, base_model: str, fingerprint: str, targets, config_yaml: str = "",
+                 unet=None) -> Path:
+    """Write the bank as safetensors. ``unet`` (the base model the bank was made on, adapter attached or not)
+    adds its dtype-independent weight signature and dtype, so the file also applies to that model in fp16/bf16."""
     from safetensors.torch import save_file
 
     from ace_lightning.utils import atomic_save
@@ -27,11 +30,16 @@ def save_adapter(path, bank: AdapterBank, requests, base_model: str, fingerprint
     for req in requests:
         ad = bank[req.concept]
         concepts.append({"concept": req.concept, "kind": req.kind, "neutral": req.neutral, "synonyms": list(req.synonyms),
-                         "rank": ad.A.shape[0], "q": ad.Q.shape[1], "gated": bool(ad.gamma.requires_grad)})
+                         "rank": ad.A.shape[0], "q": ad.Q.shape[1], "gated": bool(ad.gated)})
     meta = {
         "format": FORMAT, "concepts": json.dumps(concepts), "base_model": str(base_model), "fingerprint": fingerprint,
         "targets": json.dumps(list(targets)), "config": config_yaml, "ace_lightning_version": __version__,
     }
+    if unet is not None:
+        from ace_lightning.method.adapter import base_weights
+
+        meta["signature"] = json.dumps(weight_signature(unet, targets))
+        meta["base_dtype"] = str(next(iter(base_weights(unet, targets).values())).dtype).replace("torch.", "")
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in bank.state_dict().items()}
     atomic_save(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return Path(path)
@@ -52,27 +60,46 @@ def read_adapter(path) -> tuple[dict[str, torch.Tensor], dict]:
         raise AdapterError(f"{path} is not a readable safetensors file (corrupted or truncated?): {e}") from e
     if meta.get("format") != FORMAT:
         raise AdapterError(f"{path} is not an ace_lightning adapter (format {meta.get('format')!r}, expected {FORMAT!r})")
-    meta = dict(meta, concepts=json.loads(meta["concepts"]), targets=json.loads(meta["targets"]))
+    meta = dict(meta, concepts=json.loads(meta["concepts"]), targets=json.loads(meta["targets"]),
+                signature=json.loads(meta.get("signature", "[]")))
     return tensors, meta
+
+
+def same_base_model(unet, meta) -> tuple[bool, str]:
+    """Whether ``unet`` is the model ``meta`` was made for: the exact float32 fingerprint, or (for a model
+    stored in another precision than the adapter's base) the weight signature within that precision's
+    rounding. Returns (ok, this model's fingerprint)."""
+    from ace_lightning.method.adapter import base_weights
+
+    fp = model_fingerprint(unet, meta["targets"])
+    if fp == meta["fingerprint"]:
+        return True, fp
+    if not meta["signature"]:
+        return False, fp
+    dtypes = {next(iter(base_weights(unet, meta["targets"]).values())).dtype,
+              getattr(torch, meta.get("base_dtype", "float32"), torch.float32)}
+    roundoff = max(ROUNDOFF.get(d, 2.0**-8) for d in dtypes)
+    if roundoff <= ROUNDOFF[torch.float32]:  # both float32: only the exact fingerprint identifies the model
+        return False, fp
+    return signature_matches(meta["signature"], weight_signature(unet, meta["targets"]), roundoff), fp
 
 
 def load_into(unet, path, check_fingerprint: bool = True) -> AdapterBank:
     """Inject an adapter file into ``unet`` (which must carry none)."""
     tensors, meta = read_adapter(path)
     if check_fingerprint:
-        fp = model_fingerprint(unet, meta["targets"])
-        if fp != meta["fingerprint"]:
+        ok, fp = same_base_model(unet, meta)
+        if not ok:
             raise AdapterError(
                 f"adapter {path} was made for base model {meta['base_model']!r} (fingerprint {meta['fingerprint']}), "
-                f"but this UNet's edited projections have fingerprint {fp}: refusing to apply it to another model"
+                f"but this UNet's edited projections have fingerprint {fp} (and their weight signature differs by "
+                "more than a change of precision explains): refusing to apply it to another model"
             )
     bank = inject(unet, meta["targets"])
     try:
         for c in meta["concepts"]:
             ad = bank.add_concept(c["concept"], rank=c["rank"], q=c["q"])
-            if not c.get("gated", True):
-                ad.gamma.requires_grad_(False)
-                ad.tau.requires_grad_(False)
+            ad.gated = bool(c.get("gated", True))
         bank.load_state_dict(tensors, strict=True)
     except (RuntimeError, KeyError) as e:
         remove(unet)

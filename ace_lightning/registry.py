@@ -25,6 +25,7 @@ PROVIDERS: dict[str, list[str]] = {
     "bench_metric": ["ace_lightning.bench.metrics"],
     "class_source": ["ace_lightning.bench.suites"],
     "prompt_source": ["ace_lightning.bench.suites"],
+    "world_vocabulary": ["ace_lightning.toyworld.plugin"],  # worlds name their concept words (mining excludes them)
 }
 
 

@@ -21,7 +21,7 @@ from ace_lightning.data.datamodule import ErasureDataModule
 from ace_lightning.data.prompts import ErasureRequest
 from ace_lightning.export import save_adapter
 from ace_lightning.method.adapter import slug
-from ace_lightning.models.loading import load_components, model_fingerprint
+from ace_lightning.models.loading import content_fingerprint, load_components, model_fingerprint
 from ace_lightning.models.sampling import SamplerSettings
 from ace_lightning.registry import ConfigError
 from ace_lightning.systems.erasure import ErasureSystem
@@ -45,7 +45,8 @@ def run(cfg) -> dict:
     comps = load_components(cfg.model.path, cfg.model.dtype, cfg.model.device)
     fingerprint = model_fingerprint(comps.unet, cfg.adapter.targets)
     sampler = SamplerSettings(**OmegaConf.to_container(cfg.sampler))
-    dm = ErasureDataModule(comps, requests, cfg.data, sampler, cfg.seed, cfg.trainer.max_steps, fingerprint)
+    dm = ErasureDataModule(comps, requests, cfg.data, sampler, cfg.seed, cfg.trainer.max_steps,
+                           content_fingerprint(comps))  # caches are keyed by every weight, not only W
     system = ErasureSystem(comps, cfg.adapter, cfg.loss, cfg.optim, cfg.adv)
     closed_form = ClosedFormInit(cfg.closed_form, cfg.adapter)
     callbacks = [
@@ -74,8 +75,9 @@ def run(cfg) -> dict:
     if trainer.global_rank == 0:
         config_yaml = OmegaConf.to_yaml(cfg)
         save_adapter(run_dir / "adapter.safetensors", system.bank, requests, comps.source, fingerprint,
-                     cfg.adapter.targets, config_yaml)
+                     cfg.adapter.targets, config_yaml, unet=comps.unet)
         atomic_write_text(run_dir / "config.yaml", config_yaml)
+        atomic_write_json(run_dir / "prompts.json", dm.prompt_report())
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
     metrics.update({
         "closed_form/seconds": float(closed_form.stats.get("_seconds", float("nan"))),

@@ -71,3 +71,10 @@ def tiny_components(tiny_model_dir):
     from ace_lightning.models.loading import load_components
 
     return load_components(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="session")
+def toyworld_cache(tmp_path_factory):
+    """One latent/neighbour cache for every ToyWorld training in the session (keyed by model fingerprint, prompt,
+    seed and sampler): the 160 preserve latents are generated once, not once per test."""
+    return tmp_path_factory.mktemp("toyworld_cache")

@@ -46,3 +46,17 @@ def test_calibrate_separable_and_overlapping():
     lo, hi = float(torch.quantile(s_t, 0.05)), float(torch.quantile(s_p2, 0.99))
     assert 1 / (1 + math.exp(-gamma * (hi - tau))) == pytest.approx(0.95, abs=1e-6)
     assert 1 / (1 + math.exp(-gamma * (lo - tau))) == pytest.approx(0.05, abs=1e-6)
+
+
+def test_calibrate_bounds_gamma_when_quantiles_coincide():
+    """Coinciding quantiles made γ ~3e12: a saturated sigmoid that gives γ and τ no gradient in stage 2."""
+    s_t = torch.cat([torch.full((50,), 0.5), torch.linspace(0.5, 1.0, 50)])
+    s_p = torch.cat([torch.linspace(0.0, 0.5, 50), torch.full((50,), 0.5)])
+    with pytest.warns(UserWarning):
+        gamma, tau = G.calibrate(s_t, s_p)
+    assert math.isfinite(gamma) and 0 < gamma < 1e3, gamma  # old code: 2.9e12
+    # a token a twentieth of the scores' spread from tau must still be in the sigmoid's live range, so gamma and
+    # tau get a gradient (old code: gamma 2.9e12, every such token saturated at 0 or 1)
+    spread = float(torch.cat([s_t, s_p]).std())
+    gates = torch.sigmoid(gamma * torch.tensor([-0.05 * spread, 0.05 * spread]))
+    assert ((gates > 0.01) & (gates < 0.99)).all(), gates

@@ -59,10 +59,10 @@ def test_placeholders_and_soft_prompt_attack(tiny_components, position):
     ids = tokenize(tok, ["a photo of a golden dog", "a photo of a golden dog"])
     span = torch.tensor([find_span(ids[0].tolist(), phrase_ids(tok, "golden dog"))] * 2)  # [5, 7)
     new, pos = insert_placeholders(ids, span, 3, position, tok.eos_token_id)
-    assert new.shape == ids.shape and len(pos) == 3
-    assert (new[:, pos] == tok.eos_token_id).all()
+    assert new.shape == ids.shape and pos.shape == (2, 3)
+    assert (new.gather(1, pos) == tok.eos_token_id).all()
     expect = {"prefix": [1, 2, 3], "suffix": [7, 8, 9], "replace": [5, 6, 7]}[position]
-    assert pos == expect
+    assert pos.tolist() == [expect, expect]
     if position == "replace":  # phrase gone, EOS follows the slots
         assert phrase_ids(tok, "dog")[0] not in new[0].tolist()
     # the attack lowers its objective (a random target it can move towards)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ace_lightning.config import load_config
+from ace_lightning.config import EXPERIMENTS_DIR, load_config
 from ace_lightning.train import run
 
 DOG = "concepts=[{concept: dog, kind: object, neutral: animal, synonyms: [puppy]}]"
@@ -37,7 +37,22 @@ class LossLog(L.Callback):
         self.erase.append(float(trainer.callback_metrics["train/loss_erase"]))
 
 
+def changed_tensors(comps, fresh) -> list[str]:
+    """Names of the UNet / text-encoder / VAE tensors of ``comps`` (in memory) that differ from ``fresh``."""
+    from ace_lightning.method.adapter import bank_of
+
+    assert bank_of(comps.unet) is None, "remove the adapter first"
+    out = []
+    for part in ("unet", "text_encoder", "vae"):
+        a, b = getattr(comps, part).state_dict(), getattr(fresh, part).state_dict()
+        assert a.keys() == b.keys(), part
+        out += [f"{part}.{k}" for k in a if not torch.equal(a[k], b[k])]
+    return out
+
+
 def test_only_adapter_changes_and_erase_loss_falls(tiny_model_dir, tmp_path, monkeypatch):
+    import ace_lightning.train as T
+    from ace_lightning.method.adapter import remove
     from ace_lightning.models.loading import load_components
 
     log = LossLog()
@@ -48,6 +63,9 @@ def test_only_adapter_changes_and_erase_loss_falls(tiny_model_dir, tmp_path, mon
         orig(self, *a, **kw)
 
     monkeypatch.setattr(L.Trainer, "__init__", with_log)
+    used = []  # the very components the run trained with
+    load = T.load_components
+    monkeypatch.setattr(T, "load_components", lambda *a, **kw: used.append(load(*a, **kw)) or used[-1])
     # B = 0 start (no closed form): L_erase starts at ||eps(tgt) - eps(neu)||^2 and must be trained down
     cfg = tiny_cfg(tiny_model_dir, tmp_path, "trainer.max_steps=30", "closed_form.enabled=false", "optim.lr=3e-3",
                    "adv.enabled=false")
@@ -56,38 +74,49 @@ def test_only_adapter_changes_and_erase_loss_falls(tiny_model_dir, tmp_path, mon
     first, last = sum(log.erase[:5]) / 5, sum(log.erase[-5:]) / 5
     assert last < 0.7 * first, (first, last)
 
-    # frozen model untouched: every UNet / text-encoder / VAE tensor equals a fresh load
+    # frozen model untouched: every UNet / text-encoder / VAE tensor *in memory after training* equals a fresh load
+    (trained,) = used
+    remove(trained.unet)
     fresh = load_components(str(tiny_model_dir))
+    assert changed_tensors(trained, fresh) == []
+    # ... and the check can fail: one perturbed frozen weight is caught
+    w = next(p for n, p in trained.vae.named_parameters() if n.endswith("weight"))
+    with torch.no_grad():
+        w.view(-1)[0] += 1e-6
+    assert len(changed_tensors(trained, fresh)) == 1
+
     adapter = load_file(tmp_path / "dog" / "adapter.safetensors")
     assert any(k.endswith(".A") for k in adapter) and all("base_layer" not in k for k in adapter)
-    from ace_lightning.export import load_into
-
-    load_into(fresh.unet, tmp_path / "dog" / "adapter.safetensors")  # fingerprint check passes: W unchanged
     # and B moved away from its zero start (only adapter tensors trained)
     assert max(v.abs().max() for k, v in adapter.items() if ".B." in k) > 0
+    report = json.loads((tmp_path / "dog" / "prompts.json").read_text())  # what exactly was erased
+    (dog,) = report["concepts"]
+    assert dog["concept"] == "dog" and len(dog["prompts"]) == 8 and {"puppy", "dog"} <= {p["phrase"] for p in dog["prompts"]}
 
 
-def test_resume_and_determinism(tiny_model_dir, tmp_path):
+def test_resume_is_exact_and_runs_are_deterministic(tiny_model_dir, tmp_path):
+    """6 steps + resume 3 gives the *identical* adapter to 9 steps straight, with adversarial augmentation on
+    (attacks at steps 4 and 8: the pool built at step 4 is used on both sides of the checkpoint)."""
     a = run(tiny_cfg(tiny_model_dir, tmp_path / "a", "trainer.max_steps=6", "trainer.checkpoint_every=3"))
     assert (tmp_path / "a" / "dog" / "checkpoints" / "last.ckpt").is_file() and a["train/global_step"] == 6
     ckpt = torch.load(tmp_path / "a" / "dog" / "checkpoints" / "last.ckpt", weights_only=False)
-    assert ckpt["global_step"] == 6
+    assert ckpt["global_step"] == 6 and len(ckpt["ace_adv_pool"]) > 0
     assert all(k.startswith("bank.") for k in ckpt["state_dict"])  # checkpoints hold only the adapter
+    t6 = load_file(tmp_path / "a" / "dog" / "adapter.safetensors")
     resumed = run(tiny_cfg(tiny_model_dir, tmp_path / "a", "trainer.max_steps=9", "ckpt_path=last"))
     assert resumed["train/global_step"] == 9
+    straight = run(tiny_cfg(tiny_model_dir, tmp_path / "s", "trainer.max_steps=9"))
+    assert straight["train/global_step"] == 9
+    ta, ts = (load_file(p / "dog" / "adapter.safetensors") for p in (tmp_path / "a", tmp_path / "s"))
+    assert ta.keys() == ts.keys()
+    diff = max(float((ta[k] - ts[k]).abs().max()) for k in ta)
+    assert diff == 0.0, diff  # old code (pool not checkpointed): 6.7e-4
+    assert any(not torch.equal(ta[k], t6[k]) for k in ta)  # and the resumed run did train 3 more steps
 
-    b = run(tiny_cfg(tiny_model_dir, tmp_path / "b", "trainer.max_steps=6", "trainer.checkpoint_every=3"))
-    ta, tb = (load_file(p / "dog" / "adapter.safetensors") for p in (tmp_path / "a", tmp_path / "b"))
     c = run(tiny_cfg(tiny_model_dir, tmp_path / "c", "trainer.max_steps=6", "seed=1"))
     tc = load_file(tmp_path / "c" / "dog" / "adapter.safetensors")
-    assert b["train/global_step"] == 6 and c["train/global_step"] == 6
-    # same seed -> identical adapter (compare b against a fresh run with the same seed)
-    d = run(tiny_cfg(tiny_model_dir, tmp_path / "d", "trainer.max_steps=6", "trainer.checkpoint_every=3"))
-    td = load_file(tmp_path / "d" / "dog" / "adapter.safetensors")
-    assert d["train/global_step"] == 6 and all(torch.equal(tb[k], td[k]) for k in tb)
-    assert any(not torch.equal(tb[k], tc[k]) for k in tb)  # another seed -> another adapter
-    assert not all(torch.equal(ta[k], tb[k]) for k in tb)  # the resumed run trained 3 more steps
-    meta = json.loads((tmp_path / "d" / "dog" / "metrics.json").read_text())
+    assert c["train/global_step"] == 6 and any(not torch.equal(t6[k], tc[k]) for k in t6)  # another seed
+    meta = json.loads((tmp_path / "c" / "dog" / "metrics.json").read_text())
     assert meta["closed_form"]["dog"]["rank"] >= 1
 
 
@@ -121,14 +150,33 @@ def test_two_concepts_one_adapter_grid_and_offline_wandb(tiny_model_dir, tmp_pat
     bank = load_into(comps.unet, run_dir / "adapter.safetensors")
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     c = torch.randn(1, 16, 32, generator=torch.Generator().manual_seed(1))
+    out = lambda u: u(x, torch.tensor([400]), encoder_hidden_states=c).sample  # noqa: E731
     with torch.no_grad():
-        both = comps.unet(x, torch.tensor([400]), encoder_hidden_states=c).sample
-        saved = {k: v.clone() for k, v in bank.state_dict().items()}
+        both = out(comps.unet)
         bank.remove_concept("Van Gogh")
-        dog_only = comps.unet(x, torch.tensor([400]), encoder_hidden_states=c).sample
-    # dog's tensors are untouched by removing the other concept
-    assert all(torch.equal(v, saved[k]) for k, v in bank.state_dict().items())
-    assert not torch.equal(both, dog_only)
+        dog_only = out(comps.unet)
+        # reference: the same file with Van Gogh's B factors zeroed (its delta is exactly 0), dog's untouched
+        ref = load_components(str(tiny_model_dir))
+        ref_bank = load_into(ref.unet, run_dir / "adapter.safetensors")
+        for B in ref_bank["Van Gogh"].B.values():
+            B.zero_()
+        assert torch.equal(dog_only, out(ref.unet))  # removing a concept leaves exactly the other's edit
+        with ref_bank.disabled():
+            base = out(ref.unet)
+    assert not torch.equal(both, dog_only) and not torch.equal(dog_only, base)
+
+
+def test_bfloat16_training(tiny_model_dir, tmp_path):
+    """model.dtype=bfloat16 trains (adapter in float32) and the adapter applies to the float32 model too."""
+    from ace_lightning.export import load_into, read_adapter
+    from ace_lightning.models.loading import load_components
+
+    m = run(tiny_cfg(tiny_model_dir, tmp_path, "trainer.max_steps=3", "model.dtype=bfloat16", "adv.warmup=1",
+                     "adv.every=1"))
+    assert m["train/global_step"] == 3 and all(v == v for k, v in m.items() if k.startswith("train/loss"))
+    tensors, meta = read_adapter(tmp_path / "dog" / "adapter.safetensors")
+    assert meta["base_dtype"] == "bfloat16" and all(t.dtype == torch.float32 and t.isfinite().all() for t in tensors.values())
+    load_into(load_components(str(tiny_model_dir)).unet, tmp_path / "dog" / "adapter.safetensors")  # fp32: accepted
 
 
 def test_sd2_layout_trains(tiny_v2_model_dir, tmp_path):
@@ -140,3 +188,38 @@ def test_sd2_layout_trains(tiny_v2_model_dir, tmp_path):
     assert comps.scheduler.config.prediction_type == "v_prediction"
     m = run(tiny_cfg(tiny_v2_model_dir, tmp_path, "trainer.max_steps=3"))
     assert m["train/global_step"] == 3 and m["train/gate_target"] > 0.5
+
+
+RECIPES = sorted(str(p.relative_to(EXPERIMENTS_DIR).with_suffix("")) for p in EXPERIMENTS_DIR.rglob("*.yaml")
+                 if p.name != "base.yaml" and p.parent.name not in ("concepts", "sweeps"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_smoke_runs(recipe, tiny_model_dir, tmp_path):
+    """Each recipe in experiments/ runs (1 step, tiny model) and its values reach the run's config.yaml."""
+    from omegaconf import OmegaConf
+
+    from ace_lightning.export import read_adapter
+
+    recipe_cfg = OmegaConf.load(EXPERIMENTS_DIR / f"{recipe}.yaml")
+    steps = min(1, int(OmegaConf.select(recipe_cfg, "trainer.max_steps", default=1)))
+    m = run(tiny_cfg(tiny_model_dir, tmp_path, f"experiment={recipe}", f"trainer.max_steps={steps}", "adv.warmup=0",
+                     "adv.every=1", "grid.seeds=[0]"))
+    saved = OmegaConf.load(tmp_path / "dog" / "config.yaml")
+    overridden = {"trainer.max_steps", "grid.enabled"}  # set by this test / tiny_cfg on the command line
+    for key in [k for k in _leaves(recipe_cfg) if k not in overridden]:
+        assert OmegaConf.select(saved, key) == OmegaConf.select(recipe_cfg, key), key
+    assert m["train/global_step"] == steps
+    _, meta = read_adapter(tmp_path / "dog" / "adapter.safetensors")
+    assert meta["concepts"][0]["gated"] == (not OmegaConf.select(saved, "adapter.ungated"))
+
+
+def _leaves(cfg, prefix=""):
+    from omegaconf import DictConfig
+
+    for k, v in cfg.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, DictConfig):
+            yield from _leaves(v, key + ".")
+        else:
+            yield key

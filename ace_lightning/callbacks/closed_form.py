@@ -39,6 +39,7 @@ def initialize_bank(bank: AdapterBank, weights: dict[str, torch.Tensor], concept
             U = torch.linalg.svd(cd.C.double(), full_matrices=False).U[:, : acfg.rank]
             A, B, energy = U.T.float(), {k: torch.zeros(W.shape[0], U.shape[1]) for k, W in weights.items()}, 0.0
         ad = bank.add_concept(name, rank=A.shape[0], q=acfg.gate_q)
+        ad.gated = not acfg.ungated  # ungated: gate exactly 1, the plain (UCE-like) low-rank edit
         with torch.no_grad():
             ad.A.copy_(A)
             for k in weights:
@@ -47,10 +48,8 @@ def initialize_bank(bank: AdapterBank, weights: dict[str, torch.Tensor], concept
             ad.Q = torch.zeros(d, acfg.gate_q)
             ad.Q[:, : Q.shape[1]] = Q
             s_t, s_p = G.scores(ad.Q, cd.C), G.scores(ad.Q, P_hat, unit=True)
-            if acfg.ungated:  # gate pinned open: the plain (UCE-like) low-rank edit
-                gamma, tau = 0.0, -1.0
-            else:
-                gamma, tau = G.calibrate(s_t, s_p, target_gate=acfg.gate_target)
+            # calibrated even when ungated (unused then: that gate is exactly 1), so a file can be re-gated
+            gamma, tau = G.calibrate(s_t, s_p, target_gate=acfg.gate_target)
             ad.gamma.fill_(gamma)
             ad.tau.fill_(tau)
             g_pres = ad.gate(P_gate.T)  # (m',)

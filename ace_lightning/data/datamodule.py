@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from ace_lightning.data.prompts import (
     ErasureRequest,
     erase_prompts,
+    known_words,
     mine_neighbours,
     preserve_prompts,
     template_family,
@@ -38,7 +39,7 @@ class ConceptData:
     prompts: list[str]  # augmented erase prompts
     phrases: list[str]  # the phrase used in each prompt
     neutral_prompts: list[str]
-    neighbours: list[str]  # mined neighbour words
+    neighbours: list[tuple[str, dict]]  # mined neighbour words with their scores {"cos", "z"}
     emb: torch.Tensor  # (n, T, d) encoder outputs of the erase prompts
     emb_neu: torch.Tensor  # (n, T, d) of the neutral prompts
     target_mask: torch.Tensor  # (n, T) bool: the policy's target tokens
@@ -50,7 +51,8 @@ class ConceptData:
 
 
 class LatentCache:
-    """Frozen-model latents on disk, one file per (model fingerprint, prompt, seed, sampler settings)."""
+    """Frozen-model latents on disk, one file per (model fingerprint, prompt, seed, sampler settings).
+    The fingerprint must cover every weight (``content_fingerprint``), so a changed model never reuses them."""
 
     def __init__(self, root: Path, fingerprint: str, settings: SamplerSettings):
         self.root, self.fingerprint, self.settings = Path(root) / "latents", fingerprint, settings
@@ -153,9 +155,10 @@ class ErasureDataModule(L.LightningDataModule):
 
     def _concept(self, req: ErasureRequest, family: str, cache: Path, latents: LatentCache, pipe) -> ConceptData:
         c, cfg = self.components, self.cfg
-        nb = mine_neighbours(c.text_encoder, c.tokenizer, req, cfg.neighbours_k, cfg.neighbours_vocab,
-                             self.preserve_prompts + [p for r in self.requests for p in r.phrases], cache)
-        triples = erase_prompts(req, req.phrases + nb, family, cfg.prompts_per_concept, self.seed)
+        exclude = known_words(self.requests, c.source) | {w for p in self.preserve_prompts for w in p.lower().split()}
+        nb = mine_neighbours(c.text_encoder, c.tokenizer, req, cfg.neighbours_k, cfg.neighbours_vocab, exclude, cache,
+                             min_z=cfg.neighbours_min_z, model_key=self.fingerprint)
+        triples = erase_prompts(req, req.phrases + [w for w, _ in nb], family, cfg.prompts_per_concept, self.seed)
         prompts, phrases, neutrals = map(list, zip(*triples))
         emb, ids = encode_prompts(c.text_encoder, c.tokenizer, prompts)  # (n, T, d), (n, T)
         span = torch.tensor([find_span(r, phrase_ids(c.tokenizer, ph)) for r, ph in zip(ids.tolist(), phrases)])
@@ -172,6 +175,22 @@ class ErasureDataModule(L.LightningDataModule):
         x0 = latents.get(pipe, lat_prompts, [self.seed * 104729 + i for i in range(len(lat_prompts))])
         return ConceptData(req, prompts, phrases, neutrals, nb, emb, emb_neu, mask,
                            torch.cat(cols_c).T.contiguous(), torch.cat(cols_n).T.contiguous(), x0, ids, span)
+
+    def prompt_report(self) -> dict:
+        """What exactly is erased, per concept: the augmented prompts with their phrase and neutral prompt,
+        the synonyms, and the mined neighbours with their scores (written to the run folder as prompts.json)."""
+        return {
+            "template_family": self.family,
+            "neighbours_min_z": self.cfg.neighbours_min_z,
+            "concepts": [{
+                "concept": cd.request.concept, "kind": cd.request.kind, "neutral": cd.request.neutral,
+                "synonyms": list(cd.request.synonyms),
+                "neighbours": [{"word": w, **sc} for w, sc in cd.neighbours],
+                "prompts": [{"prompt": p, "phrase": ph, "neutral_prompt": n}
+                            for p, ph, n in zip(cd.prompts, cd.phrases, cd.neutral_prompts)],
+            } for cd in self.concepts],
+            "preserve_prompts": list(self.preserve_prompts),
+        }
 
     # -- loaders -----------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:

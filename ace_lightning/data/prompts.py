@@ -133,33 +133,64 @@ def preserve_prompts(requests: list[ErasureRequest], family: str, n: int, seed: 
     return extra + pool[: max(0, n - len(extra))]
 
 
-def mine_neighbours(
-    text_encoder, tokenizer, req: ErasureRequest, k: int, vocab_limit: int, exclude: list[str], cache_dir: Path | None
-) -> list[str]:
-    """The ``k`` vocabulary words whose single-word embedding is nearest (cosine) to the concept's.
+def known_words(requests: list[ErasureRequest], source: str | None = None) -> set[str]:
+    """Every word of every concept the project knows of, lower-case: the requests' concepts, synonyms,
+    neutrals and preserve phrases, every concept preset in ``experiments/concepts/``, and the vocabulary of
+    the model's world where a plugin registered one (``world_vocabulary``: ToyWorld's shapes, colours, styles,
+    characters and all their synonyms). Mined neighbours never take one of these words: a neighbour is
+    trained to map to the neutral, so a known concept there would be erased with the requested one."""
+    import yaml
 
-    A word is encoded alone; its embedding is the encoder's hidden state at its last token. Words that
-    appear in ``exclude`` (preserve prompts) or in the concept's own phrases are never returned.
+    from ace_lightning.config import EXPERIMENTS_DIR
+    from ace_lightning.registry import lookup, names
+
+    phrases = [p for r in requests for p in (r.concept, *r.synonyms, r.neutral, *r.preserve)]
+    for path in sorted((EXPERIMENTS_DIR / "concepts").glob("*.yaml")):
+        for c in (yaml.safe_load(path.read_text()) or {}).get("concepts", []) or []:
+            phrases += [str(c.get("concept", "")), str(c.get("neutral", "")), *map(str, c.get("synonyms", []) or []),
+                        *map(str, c.get("preserve", []) or [])]
+    for name in names("world_vocabulary"):
+        phrases += list(lookup("world_vocabulary", name)(source))
+    return {w for p in phrases for w in re.findall(r"[a-z]+", p.lower())}
+
+
+def candidate_words(tokenizer, vocab_limit: int, banned: set[str]) -> list[str]:
+    """Up to ``vocab_limit`` whole-word vocabulary entries (BPE tokens that end a word: ``</w>``), ASCII
+    letters only, at least 3 letters, none in ``banned``, in vocabulary order (frequent merges first)."""
+    words = []
+    for tok, _idx in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
+        w = tok[:-4] if tok.endswith("</w>") else None
+        if w and w.isascii() and w.isalpha() and len(w) >= 3 and w.lower() not in banned:
+            words.append(w)
+        if len(words) >= vocab_limit:
+            break
+    return words
+
+
+def mine_neighbours(
+    text_encoder, tokenizer, req: ErasureRequest, k: int, vocab_limit: int, exclude: set[str] | list[str],
+    cache_dir: Path | None, min_z: float = 3.0, model_key: str = "",
+) -> list[tuple[str, dict]]:
+    """Up to ``k`` vocabulary words whose single-word embedding is nearest (cosine) to the concept's, each with
+    its scores ``{"cos": ..., "z": ...}``.
+
+    A word is encoded alone; its embedding is the encoder's hidden state at its last token. ``exclude``: words
+    (or phrases, split into words) never returned, e.g. :func:`known_words` and the preserve prompts' words.
+    A word is kept only if it is clearly closer to the concept than vocabulary words are at random:
+    ``z = (cos − mean) / std`` over all candidate words must be at least ``min_z``. ``model_key`` (a hash of the
+    model's weights) keys the cache, so any change to the model invalidates it.
     """
     if k <= 0:
         return []
     from ace_lightning.method.text import encode_prompts, eos_position
 
-    W = text_encoder.get_input_embeddings().weight
-    key = hashlib.sha256(
-        json.dumps([req.concept, k, vocab_limit, sorted(exclude), list(W.shape)]).encode()
-        + W.detach().float().cpu().numpy().tobytes()[:1_000_000]
-    ).hexdigest()[:16]
-    path = cache_dir / f"neighbours_{key}.json" if cache_dir else None
+    banned = {w for p in [*exclude, *req.phrases] for w in re.findall(r"[a-z]+", str(p).lower())}
+    key = hashlib.sha256(json.dumps(
+        [req.concept, k, vocab_limit, min_z, sorted(banned), model_key, len(tokenizer)]).encode()).hexdigest()[:16]
+    path = cache_dir / f"neighbours_{key}.json" if cache_dir and model_key else None
     if path and path.exists():
-        return json.loads(path.read_text())
-    banned = {w.lower() for p in exclude + req.phrases for w in re.findall(r"[a-z]+", p.lower())}
-    words = []
-    for tok, _idx in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
-        if tok.endswith("</w>") and tok[:-4].isalpha() and len(tok) >= 7 and tok[:-4] not in banned:
-            words.append(tok[:-4])
-        if len(words) >= vocab_limit:
-            break
+        return [(w, s) for w, s in json.loads(path.read_text())]
+    words = candidate_words(tokenizer, vocab_limit, set())  # all candidates set the random baseline
 
     def emb(texts):
         h, ids = encode_prompts(text_encoder, tokenizer, texts, batch_size=256)  # (B, T, d)
@@ -168,7 +199,13 @@ def mine_neighbours(
         return e / e.norm(dim=-1, keepdim=True).clamp_min(1e-8)
 
     sims = emb(words) @ emb([req.concept])[0]  # (V,)
-    top = [words[i] for i in sims.topk(min(k, len(words))).indices.tolist()]
+    z = (sims - sims.mean()) / sims.std().clamp_min(1e-8)  # (V,)
+    top = []
+    for i in sims.argsort(descending=True).tolist():
+        if len(top) >= k or float(z[i]) < min_z:
+            break
+        if words[i].lower() not in banned:
+            top.append((words[i], {"cos": round(float(sims[i]), 4), "z": round(float(z[i]), 2)}))
     if path:
         from ace_lightning.utils import atomic_write_text
 

@@ -40,6 +40,7 @@ class ConceptAdapter(nn.Module):
         self.register_buffer("Q", torch.zeros(d, q))  # (d, q) orthonormal columns, fixed
         self.gamma = nn.Parameter(torch.tensor(1.0))
         self.tau = nn.Parameter(torch.tensor(0.5))
+        self.gated = True  # False: the gate is exactly 1 on every token (the plain low-rank edit; an ablation)
 
     def score(self, c: torch.Tensor) -> torch.Tensor:
         """``||Q_kᵀ ĉ||²`` for c (..., d) -> (...)."""
@@ -48,7 +49,9 @@ class ConceptAdapter(nn.Module):
         return (c_hat @ self.Q).pow(2).sum(-1)
 
     def gate(self, c: torch.Tensor) -> torch.Tensor:
-        """Token-wise gate in (0, 1) for c (..., d) -> (...)."""
+        """Token-wise gate in (0, 1) for c (..., d) -> (...); exactly 1 when the adapter is ungated."""
+        if not self.gated:
+            return torch.ones(c.shape[:-1], dtype=torch.float32, device=c.device)
         return torch.sigmoid(self.gamma * (self.score(c) - self.tau))
 
 
@@ -61,6 +64,16 @@ class AdapterBank(nn.Module):
         self.layer_shapes = dict(layer_shapes)  # layer key -> out features
         self.concepts = nn.ModuleDict()
         self.enabled = True
+
+    def _apply(self, fn, recurse=True):
+        """Device moves apply; dtype casts do not: the adapter's maths stays float32 even after
+        ``pipe.to(torch.bfloat16)`` reaches the bank through the UNet it is attached to."""
+
+        def keep_float32(t):
+            out = fn(t)
+            return out.float() if out.is_floating_point() and out.dtype != torch.float32 else out
+
+        return super()._apply(keep_float32, recurse)
 
     def add_concept(self, name: str, rank: int, q: int) -> ConceptAdapter:
         key = slug(name)

@@ -4,55 +4,83 @@ the concept. Used as an inner loop for adversarial augmentation and, later, for 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from ace_lightning.method.text import encode_ids, soft_tokens
+from ace_lightning.method.text import encode_ids, eos_position, soft_tokens
 from ace_lightning.registry import register
 
 
 def insert_placeholders(ids: torch.Tensor, span: torch.Tensor, n_adv: int, position: str, eos_id: int):
-    """Ids (B, T) with ``n_adv`` placeholder slots, and the slots' positions (shared by all rows).
+    """Ids (B, T) with ``n_adv`` placeholder slots per row, and the slots' positions (B, n_adv).
 
-    ``prefix``: right after BOS; ``suffix``: before the EOS of the shortest row; ``replace``: over the concept
-    phrase of the first row (rows of one call come from one concept). Placeholders are EOS ids; their
+    ``prefix``: right after BOS; ``suffix``: before each row's EOS; ``replace``: over each row's concept phrase
+    ``span[i] = [start, end)`` (rows may differ in length and phrase position). Placeholders are EOS ids; their
     embeddings are replaced by :func:`soft_tokens`. Rows keep length T (the tail is cut or EOS-padded).
     """
-    B, T = ids.shape
-    slots = torch.full((B, n_adv), eos_id, dtype=ids.dtype)
-    if position == "prefix":
-        start, cut = 1, 1  # keep BOS, insert, keep the rest
-    elif position == "suffix":
-        start = cut = min(int((ids == eos_id).int().argmax(1).min()), T - 1 - n_adv)
-    elif position == "replace":
-        start, cut = int(span[0, 0]), int(span[0, 1])  # drop the phrase tokens
-    else:
+    if position not in ("prefix", "suffix", "replace"):
         raise ValueError(f"adv.position must be prefix, suffix or replace, got {position!r}")
-    out = torch.cat([ids[:, :start], slots, ids[:, cut:]], dim=1)[:, :T]  # (B, <=T)
-    pad = torch.full((B, T - out.shape[1]), eos_id, dtype=ids.dtype)
-    return torch.cat([out, pad], dim=1), list(range(start, min(start + n_adv, T)))
+    B, T = ids.shape
+    if not 0 < n_adv < T - 1:
+        raise ValueError(f"adv.n_adv must be in [1, {T - 2}] for {T}-token prompts, got {n_adv}")
+    out = torch.full_like(ids, eos_id)
+    pos = torch.empty(B, n_adv, dtype=torch.long)
+    for i in range(B):
+        row = ids[i].tolist()
+        if position == "prefix":
+            start, cut = 1, 1  # keep BOS, insert, keep the rest
+        elif position == "suffix":
+            start = cut = eos_position(row, eos_id)
+        else:
+            start, cut = int(span[i, 0]), int(span[i, 1])  # drop the phrase tokens
+        start = min(start, T - 1 - n_adv)  # the slots and an EOS always fit
+        new = (row[:start] + [eos_id] * n_adv + row[cut:])[:T]
+        out[i, : len(new)] = torch.tensor(new, dtype=ids.dtype)
+        pos[i] = torch.arange(start, start + n_adv)
+    return out, pos
+
+
+def phrase_init(text_encoder, ids: torch.Tensor, span: torch.Tensor, n_adv: int) -> torch.Tensor:
+    """Start embeddings (B, n_adv, d): each row's own phrase tokens, cycled to ``n_adv`` (the attack starts
+    from the concept itself, which the erased model maps to the neutral)."""
+    table = text_encoder.get_input_embeddings().weight
+    rows = []
+    for i in range(ids.shape[0]):
+        toks = ids[i, int(span[i, 0]) : int(span[i, 1])]
+        rows.append(table[toks[torch.arange(n_adv) % len(toks)]])  # (n_adv, d)
+    return torch.stack(rows).detach()
 
 
 @register("attack", "soft_prompt")
 def soft_prompt_attack(unet, text_encoder, ids, positions, x_t, t, eps_target, steps: int = 10, lr: float = 1e-2,
-                       init: torch.Tensor | None = None):
-    """Optimise the token embeddings at ``positions`` (n_adv, d) with Adam for ``steps`` steps to minimise
-    ``||ε'(x_t, c_adv) − ε_target||²``; returns (adversarial encoder outputs (B, T, d) detached, final loss).
-    Only the embeddings are optimised (gradients via ``torch.autograd.grad``, model grads untouched)."""
-    table = text_encoder.get_input_embeddings()
+                       init: torch.Tensor | None = None, init_ids: torch.Tensor | None = None,
+                       init_span: torch.Tensor | None = None):
+    """Optimise one set of token embeddings per row (B, n_adv, d) at ``positions`` (B, n_adv) with Adam for
+    ``steps`` steps to minimise each row's ``||ε'(x_t, c_adv) − ε_target||²``; returns (adversarial encoder
+    outputs (B, T, d) detached, final mean loss).
+
+    Rows are independent (the loss is a sum of per-row means and Adam is element-wise), so a batch that mixes
+    concepts never mixes their attacks. Start: ``init`` (B, n_adv, d), else the rows' phrase tokens
+    (``init_ids``/``init_span``, see :func:`phrase_init`), else the placeholder embeddings. Only the embeddings
+    are optimised (gradients via ``torch.autograd.grad``, model grads untouched)."""
+    positions = torch.as_tensor(positions, dtype=torch.long)
+    B, n_adv = positions.shape
     if init is None:
-        init = table.weight[ids[0, positions]].detach()
-    adv = init.detach().clone().float().requires_grad_(True)  # (n_adv, d)
+        if init_ids is not None and init_span is not None:
+            init = phrase_init(text_encoder, init_ids.to(ids.device), init_span, n_adv)
+        else:
+            init = text_encoder.get_input_embeddings().weight[ids.gather(1, positions.to(ids.device))].detach()
+    adv = init.detach().clone().float().requires_grad_(True)  # (B, n_adv, d)
     opt = torch.optim.Adam([adv], lr=lr)
     loss = torch.tensor(float("nan"))
     for _ in range(max(1, steps)):
-        with soft_tokens(text_encoder, positions, adv[None]):
+        with soft_tokens(text_encoder, positions, adv):
             c = encode_ids(text_encoder, ids)  # (B, T, d)
-        pred = unet(x_t, t, encoder_hidden_states=c.to(unet.dtype)).sample
-        loss = F.mse_loss(pred.float(), eps_target.float())
-        (g,) = torch.autograd.grad(loss, [adv])
+        pred = unet(x_t.to(unet.dtype), t, encoder_hidden_states=c.to(unet.dtype)).sample
+        per_row = (pred.float() - eps_target.float()).pow(2).flatten(1).mean(1)  # (B,)
+        (g,) = torch.autograd.grad(per_row.sum(), [adv])
         adv.grad = g
         opt.step()
         opt.zero_grad(set_to_none=True)
-    with torch.no_grad(), soft_tokens(text_encoder, positions, adv[None]):
+        loss = per_row.detach().mean()
+    with torch.no_grad(), soft_tokens(text_encoder, positions, adv):
         c = encode_ids(text_encoder, ids)
     return c.detach().float(), float(loss)

@@ -82,7 +82,11 @@ def calibrate(s_target: torch.Tensor, s_preserve: torch.Tensor, target_q: float 
         warnings.warn(
             f"gate: target q{target_q} ({lo:.3g}) <= preserve q{preserve_q} ({hi:.3g}); the overlap becomes the "
             "gate's transition band and stage 2 trains gamma/tau", stacklevel=2)
-    gap = max(abs(lo - tau), 1e-12)
+    # bound γ: when the quantiles (nearly) coincide the gap vanishes, γ would explode (~1e12) and the sigmoid
+    # saturate so that γ and τ get no gradient in stage 2. The band's half-width is at least 10% of the scores' std.
+    pooled = torch.cat([s_target.double().flatten(), s_preserve.double().flatten()])
+    spread = float(pooled.std()) if pooled.numel() > 1 else 0.0
+    gap = max(abs(lo - tau), 0.1 * spread, 1e-6 * max(abs(lo), abs(hi), 1.0))
     return math.log(target_gate / (1 - target_gate)) / gap, tau
 
 

@@ -99,18 +99,22 @@ def token_mask(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def soft_tokens(text_encoder: nn.Module, positions: Sequence[int], embeds: torch.Tensor) -> Iterator[None]:
+def soft_tokens(text_encoder: nn.Module, positions, embeds: torch.Tensor) -> Iterator[None]:
     """Within the block, token embeddings at ``positions`` are replaced by ``embeds`` (B|1, n, d).
 
+    ``positions``: n indices shared by every row, or a (B, n) tensor of per-row indices.
     A forward hook on the input embedding table, so the encoder's own forward (masks, position
     embeddings, final norm) is used unchanged; gradients flow to ``embeds``.
     """
     table = text_encoder.get_input_embeddings()
-    pos = list(positions)
+    pos = torch.as_tensor(positions, dtype=torch.long)
 
     def hook(_mod, _inp, out):  # out (B, T, d)
         out = out.clone()
-        out[:, pos] = embeds.to(out.dtype).expand(out.shape[0], -1, -1)
+        B = out.shape[0]
+        p = (pos if pos.dim() == 2 else pos[None].expand(B, -1)).to(out.device)  # (B, n)
+        rows = torch.arange(B, device=out.device)[:, None]  # (B, 1)
+        out[rows, p] = embeds.to(out.dtype).expand(B, -1, -1)
         return out
 
     handle = table.register_forward_hook(hook)

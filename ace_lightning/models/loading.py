@@ -91,7 +91,10 @@ def load_components(path: str | os.PathLike | None = None, dtype: str = "float32
 
 
 def model_fingerprint(unet: torch.nn.Module, targets=("to_k", "to_v")) -> str:
-    """sha256 (16 hex) of the edited projections' weights, in module order, as float32."""
+    """sha256 (16 hex) of the edited projections' weights, in module order, as float32.
+
+    Exact, so it tells only that the weights are bit-for-bit the same; the same model loaded in float16 or
+    bfloat16 has another one. :func:`weight_signature` is what recognises a model across dtypes."""
     from ace_lightning.method.adapter import base_weights
 
     h = hashlib.sha256()
@@ -99,3 +102,59 @@ def model_fingerprint(unet: torch.nn.Module, targets=("to_k", "to_v")) -> str:
         h.update(key.encode())
         h.update(W.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def content_fingerprint(components: Components) -> str:
+    """sha256 (16 hex) of everything that determines the frozen model's outputs: every tensor of the UNet, text
+    encoder and VAE (names, dtypes and bytes), the scheduler config and the tokenizer's size. Keys the latent and
+    neighbour caches, so any change to any weight invalidates both (a model in another dtype is another key)."""
+    import json
+
+    h = hashlib.sha256()
+    for part in ("unet", "text_encoder", "vae"):
+        for name, t in getattr(components, part).state_dict().items():
+            t = t.detach().to("cpu").contiguous()
+            h.update(f"{part}.{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.flatten().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h.update(json.dumps(dict(components.scheduler.config), sort_keys=True, default=str).encode())
+    h.update(f"{len(components.tokenizer)}:{components.tokenizer.model_max_length}".encode())
+    return h.hexdigest()[:16]
+
+
+# Unit roundoff of each storage dtype: the relative error one cast to it can make.
+ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float64: 2.0**-53}
+
+
+def weight_signature(unet: torch.nn.Module, targets=("to_k", "to_v"), probes: int = 4) -> list[list[float]]:
+    """A dtype-independent signature of the edited projections: per layer, ``uᵢᵀ W vⱼ`` for fixed random unit
+    probes (``probes`` x ``probes`` numbers) followed by ``‖W‖_F``, computed in float64.
+
+    Casting W to a half dtype with unit roundoff ``u`` changes every number of a layer's block by at most
+    ``u ‖W‖_F`` (|uᵀ ΔW v| <= ‖ΔW‖_F), and in practice by far less (rounding errors average out); a different
+    model (another checkpoint, a fine-tune, a perturbed layer) moves the block of some layer by more.
+    """
+    from ace_lightning.method.adapter import base_weights
+
+    out: list[list[float]] = []
+    for W in base_weights(unet, targets).values():
+        W = W.detach().to("cpu", torch.float64)  # (o, d)
+        g = torch.Generator().manual_seed(W.shape[0] * 1_000_003 + W.shape[1])
+        U = torch.randn(W.shape[0], probes, generator=g, dtype=torch.float64)
+        V = torch.randn(W.shape[1], probes, generator=g, dtype=torch.float64)
+        U, V = U / U.norm(dim=0), V / V.norm(dim=0)
+        out.append((U.T @ W @ V).flatten().tolist() + [float(W.norm())])
+    return out
+
+
+def signature_matches(a: list[list[float]], b: list[list[float]], roundoff: float) -> bool:
+    """True when, in every layer, the two signature blocks differ by no more than ``2 · roundoff · ‖W‖_F``:
+    what casting to a dtype with unit ``roundoff`` can explain (see :func:`weight_signature`)."""
+    if len(a) != len(b) or not a:
+        return False
+    for x, y in zip(a, b):
+        if len(x) != len(y):
+            return False
+        x, y = torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)
+        if float((x - y).norm()) > 2.0 * roundoff * float(x[-1]):
+            return False
+    return True

@@ -15,13 +15,26 @@ from ace_lightning.method.losses import erase_loss, gate_loss, preserve_loss
 from ace_lightning.registry import build
 
 
+def training_noise_scheduler(scheduler):
+    """The *training* noise schedule of a model: a ``DDPMScheduler`` from its scheduler config, whatever sampler
+    the model ships with. A sigma-based sampler's ``add_noise`` (Euler: ``x0 + σ ε``, σ = 14.6 at t = 999)
+    would feed the UNet inputs it was never trained on. ``prediction_type`` (epsilon / v_prediction) is kept:
+    every loss compares the model's own predictions, so they stay in its parameterisation."""
+    from diffusers import DDPMScheduler
+
+    cfg = dict(scheduler.config)
+    keep = {k: cfg[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                                "prediction_type", "rescale_betas_zero_snr") if k in cfg}
+    return DDPMScheduler(**keep)
+
+
 class ErasureSystem(L.LightningModule):
     def __init__(self, components, adapter_cfg, loss_cfg, optim_cfg, adv_cfg):
         super().__init__()
         object.__setattr__(self, "components", components)
         object.__setattr__(self, "unet", components.unet)
         object.__setattr__(self, "text_encoder", components.text_encoder)
-        self.noise_scheduler = components.scheduler
+        self.noise_scheduler = training_noise_scheduler(components.scheduler)
         self.acfg, self.lcfg, self.ocfg, self.adv = adapter_cfg, loss_cfg, optim_cfg, adv_cfg
         self.bank = inject(components.unet, adapter_cfg.targets)
         self.concept_keys: list[str] = []
@@ -85,6 +98,8 @@ class ErasureSystem(L.LightningModule):
         l_gate, g_t_all, g_p_all = 0.0, [], []
         for k, name in enumerate(self.concept_keys):
             ad = self.bank[name]
+            if not ad.gated:  # ungated ablation: the gate is 1 by construction, nothing to train
+                continue
             rows = batch["concept"] == k
             tgt_tok = batch["emb"][rows][batch["target_mask"][rows]]  # (n, d)
             g_p = ad.gate(pres_tok)
@@ -100,7 +115,7 @@ class ErasureSystem(L.LightningModule):
             "train/loss": loss, "train/loss_erase": l_erase, "train/loss_pres": l_pres,
             "train/loss_gate": torch.as_tensor(l_gate, dtype=torch.float32),
             "train/gate_target": torch.cat(g_t_all).mean() if g_t_all else torch.tensor(float("nan")),
-            "train/gate_preserve": torch.cat(g_p_all).mean(),
+            "train/gate_preserve": torch.cat(g_p_all).mean() if g_p_all else torch.tensor(float("nan")),
         }
         self.log_dict(log, prog_bar=False, on_step=True, on_epoch=False, batch_size=B)
         self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=B)
@@ -116,12 +131,22 @@ class ErasureSystem(L.LightningModule):
         with torch.enable_grad():
             c_adv, loss = build("attack", {"name": self.adv.name, "steps": self.adv.steps, "lr": self.adv.lr},
                                 unet=self.unet, text_encoder=self.text_encoder, ids=ids.to(self.device), positions=pos,
-                                x_t=x_t[:n], t=batch["t"][:n], eps_target=target)
+                                x_t=x_t[:n], t=batch["t"][:n], eps_target=target,
+                                init_ids=batch["ids"][:n], init_span=batch["span"][:n])
         for i in range(n):
             self.adv_pool.append({"c_adv": c_adv[i], "emb": batch["emb"][i], "emb_neu": batch["emb_neu"][i]})
         self.adv_pool = self.adv_pool[-self.adv.pool :]
         self.log("train/adv_attack_loss", loss, on_step=True, batch_size=n)
 
     # -- checkpoints hold only the adapter -----------------------------------------------------------
+    # everything a step depends on besides the adapter and optimizer (which Lightning saves): the adversarial
+    # pool, so that N steps straight and k + resume (N - k) give the identical adapter
     def on_save_checkpoint(self, checkpoint):
         checkpoint["ace_concepts"] = list(self.concept_keys)
+        checkpoint["ace_adv_pool"] = [{k: v.detach().cpu() for k, v in row.items()} for row in self.adv_pool]
+
+    def on_load_checkpoint(self, checkpoint):
+        saved = checkpoint.get("ace_concepts")
+        if saved is not None and self.concept_keys and list(saved) != list(self.concept_keys):
+            raise ValueError(f"checkpoint was trained for concepts {saved}, this run erases {self.concept_keys}")
+        self.adv_pool = [{k: v.to(self.device) for k, v in row.items()} for row in checkpoint.get("ace_adv_pool", [])]
