@@ -41,6 +41,7 @@ class AdapterCfg:
     gate_q: int = 8
     gate_directions: str = "contrast"
     gate_project_out: int = 4
+    gate_hard_rounds: int = 2
     gate_target: float = 0.95
     ungated: bool = False
 
@@ -63,7 +64,7 @@ class LossCfg:
 @dataclass
 class OptimCfg:
     lr: float = 5e-4
-    lr_gate: float = 1e-2
+    lr_gate: float = 0.0
     weight_decay: float = 0.0
 
 
@@ -91,8 +92,10 @@ class DataCfg:
     neighbours_k: int = 3
     neighbours_vocab: int = 4000
     neighbours_min_z: float = 3.0
-    template_family: str = "auto"
-    token_policy: str = "last+eos"
+    template_family: str = "sd"
+    vocab_preserve: int = 50000
+    vocab_heldout: int = 400
+    token_policy: str = "last"
     gate_preserve_tokens: str = "all"
     timesteps: dict[str, Any] = field(default_factory=lambda: {"name": "uniform"})
     cache_dir: str = ".cache/ace"

@@ -79,6 +79,7 @@ def run(cfg) -> dict:
         atomic_write_text(run_dir / "config.yaml", config_yaml)
         atomic_write_json(run_dir / "prompts.json", dm.prompt_report())
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+    metrics.update(dm.heldout_gate_rates(system.bank))
     metrics.update({
         "closed_form/seconds": float(closed_form.stats.get("_seconds", float("nan"))),
         "train/global_step": trainer.global_step,

@@ -49,7 +49,7 @@ def closed_form_adapter(concept: str, out: Path) -> Path:
     concept and preserve set (the closed form does not use latents; the data module still builds its cache)."""
     from ace_lightning.train import run
 
-    run(load_config([f"concept={concept}", "trainer.max_steps=0", "grid.enabled=false", "logger.wandb=false",
+    run(load_config([f"concept={concept}", "experiment=toyworld_recipe", "trainer.max_steps=0", "grid.enabled=false", "logger.wandb=false",
                      "trainer.enable_progress_bar=false", f"output_dir={out}", f"data.cache_dir={out / 'cache'}",
                      "data.latents_per_concept=1", "data.latents_preserve=1", "trainer.threads=1"]))
     path = out / concept / "adapter.safetensors"

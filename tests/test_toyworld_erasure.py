@@ -2,7 +2,6 @@
 shipped classifier, that the concept and its synonyms are gone while the other shapes are kept."""
 
 import pytest
-import torch
 
 from ace_lightning.toyworld import CLASSIFIER_DIR, PIPELINE_DIR
 
@@ -10,6 +9,10 @@ pytestmark = pytest.mark.skipif(not (PIPELINE_DIR / "model_index.json").is_file(
                                 reason="ToyWorld assets not built")
 
 ERASED = "circle"
+# Bounds the generic recipe meets today on every group (issue 8's targets are >= 0.85 per shape and 0.90 in docs:
+# not met yet for 'star' and 'crescent' on modifier prompts, see docs/BENCHMARKS.md)
+RETAINED_MEAN = 0.85
+RETAINED_MIN = 0.25
 TEMPLATES = ["a {}", "a picture of a {}", "a {c} {}", "a drawing of a {c} {}"]
 COLORS = ["red", "green", "blue", "yellow"]
 
@@ -26,46 +29,39 @@ def _shape_share(pipe, clf, prompts, seeds, shape):
     return float((pred == clf.labels["shape"].index(shape)).float().mean()), pred
 
 
-def test_erase_circle_keeps_other_shapes(tmp_path, toyworld_cache):
+def test_generic_recipe_erases_circle_keeps_other_shapes(tmp_path, toyworld_cache):
+    """The default recipe is the generic one (no ToyWorld vocabulary): erase 'circle', then score every shape on
+    held-out bare, synonym and modifier prompts (colour + style before the noun) with held-out seeds."""
     from ace_lightning import apply_adapter, remove_adapter
     from ace_lightning.config import load_config
     from ace_lightning.models.loading import load_components
     from ace_lightning.models.sampling import SamplerSettings
+    from ace_lightning.toyworld import erasure_eval as E
     from ace_lightning.toyworld.classifier import load_classifier
-    from ace_lightning.toyworld.world import SHAPES
     from ace_lightning.train import run
 
-    n_shapes = len(SHAPES)
-    chance_bound = 1.5 / n_shapes
     cfg = load_config([f"concept={ERASED}", f"output_dir={tmp_path}", f"data.cache_dir={toyworld_cache}",
                        "logger.wandb=false", "grid.enabled=false", "trainer.enable_progress_bar=false"])
-    run(cfg)  # the default recipe, unchanged except for I/O
-    adapter = tmp_path / ERASED / "adapter.safetensors"
-
-    comps = load_components(None)
-    pipe = comps.pipeline()
-    SamplerSettings(steps=20).apply(pipe)
+    assert cfg.data.template_family == "sd"  # the generic recipe is what a user of another model gets
+    metrics = run(cfg)
+    pipe = SamplerSettings(steps=20).apply(load_components(None).pipeline())
     clf = load_classifier()
-    concept_prompts = _prompts(ERASED, 24)
-    synonym_prompts = [p for s in SHAPES[ERASED] for p in _prompts(s, 12)]
-    others = [s for s in SHAPES if s != ERASED]
-    other_prompts = [p for s in others for p in _prompts(s, 6)]
-    other_labels = torch.tensor([clf.labels["shape"].index(s) for s in others for _ in range(6)])
-    seeds = lambda n: list(range(1000, 1000 + n))  # noqa: E731
-
-    base_share, _ = _shape_share(pipe, clf, concept_prompts, seeds(24), ERASED)
-    assert base_share > chance_bound, "the untouched model must draw the concept, or the test is vacuous"
-
-    apply_adapter(pipe, adapter)
-    share, _ = _shape_share(pipe, clf, concept_prompts, seeds(24), ERASED)
-    syn_share, _ = _shape_share(pipe, clf, synonym_prompts, seeds(len(synonym_prompts)), ERASED)
-    _, pred = _shape_share(pipe, clf, other_prompts, seeds(len(other_prompts)), ERASED)
-    other_acc = float((pred == other_labels).float().mean())
+    base = E.evaluate(pipe, clf, "shape", n=8)
+    apply_adapter(pipe, tmp_path / ERASED / "adapter.safetensors")
+    after = E.evaluate(pipe, clf, "shape", n=8)
     remove_adapter(pipe)
-    print(f"base {base_share:.3f} erased {share:.3f} synonyms {syn_share:.3f} others {other_acc:.3f}")
-    assert share <= chance_bound, share
-    assert syn_share <= chance_bound, syn_share
-    assert other_acc >= 0.85, other_acc
+    print(E.table(base, after, [ERASED]))
+    chance_bound = 1.5 / len(base)
+    sb, sa = E.summary(base, [ERASED]), E.summary(after, [ERASED])
+    for g in E.GROUPS:
+        assert sb[f"erased_max/{g}"] > chance_bound  # the untouched model draws circles: not vacuous
+        assert sa[f"erased_max/{g}"] <= chance_bound, (g, after[ERASED])
+        assert sb[f"retained_min/{g}"] >= RETAINED_MIN  # ... and passes the retained bound
+        # measured (benchmarks/toy_generic_recipe.py, n = 12): retained means 0.99 / 0.98 / 0.87, minimum 0.50
+        # ('star' on modifier prompts); the old generic recipe: means 0.70 / 0.67 / 0.51
+        assert sa[f"retained_mean/{g}"] >= RETAINED_MEAN, (g, after)
+        assert sa[f"retained_min/{g}"] >= RETAINED_MIN, (g, after)
+    assert metrics["gate/false_fire/circle"] <= 0.02 and metrics["gate/target_fire/circle"] >= 0.9, metrics
 
 
 def test_erase_style_keeps_other_styles(tmp_path, toyworld_cache):
@@ -79,7 +75,7 @@ def test_erase_style_keeps_other_styles(tmp_path, toyworld_cache):
     from ace_lightning.train import run
 
     erased, shapes = "dotted", list(SHAPES)
-    run(load_config([f"concept={erased}", f"output_dir={tmp_path}", f"data.cache_dir={toyworld_cache}",
+    run(load_config([f"concept={erased}", "experiment=toyworld_recipe", f"output_dir={tmp_path}", f"data.cache_dir={toyworld_cache}",
                      "logger.wandb=false", "grid.enabled=false", "trainer.enable_progress_bar=false"]))
     pipe = SamplerSettings(steps=20).apply(load_components(None).pipeline())
     clf = load_classifier()
@@ -111,7 +107,7 @@ def test_erase_square_keeps_circle_synonyms(tmp_path, toyworld_cache):
     from ace_lightning.toyworld.world import SHAPES
     from ace_lightning.train import run
 
-    run(load_config(["concept=square", f"output_dir={tmp_path}", f"data.cache_dir={toyworld_cache}",
+    run(load_config(["concept=square", "experiment=toyworld_recipe", f"output_dir={tmp_path}", f"data.cache_dir={toyworld_cache}",
                      "logger.wandb=false", "grid.enabled=false", "trainer.enable_progress_bar=false"]))
     report = json.loads((tmp_path / "square" / "prompts.json").read_text())
     mined = [n["word"] for n in report["concepts"][0]["neighbours"]]

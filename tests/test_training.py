@@ -24,7 +24,7 @@ def tiny_cfg(model_dir, out, *extra):
     return load_config([
         DOG, f"model.path={model_dir}", f"output_dir={out}", "logger.wandb=false", "grid.enabled=false",
         "trainer.enable_progress_bar=false", "data.latents_per_concept=4", "data.latents_preserve=4",
-        "data.prompts_per_concept=8", "data.preserve_prompts=8", "data.neighbours_vocab=300", "sampler.steps=3",
+        "data.prompts_per_concept=8", "data.preserve_prompts=8", "data.neighbours_vocab=300", "data.vocab_preserve=300", "data.vocab_heldout=20", "sampler.steps=3",
         f"data.cache_dir={cache}", "adv.warmup=4", "adv.every=4", "adv.steps=2", *extra,
     ])
 
@@ -206,7 +206,7 @@ def test_every_recipe_smoke_runs(recipe, tiny_model_dir, tmp_path):
     m = run(tiny_cfg(tiny_model_dir, tmp_path, f"experiment={recipe}", f"trainer.max_steps={steps}", "adv.warmup=0",
                      "adv.every=1", "grid.seeds=[0]"))
     saved = OmegaConf.load(tmp_path / "dog" / "config.yaml")
-    overridden = {"trainer.max_steps", "grid.enabled"}  # set by this test / tiny_cfg on the command line
+    overridden = {"trainer.max_steps", "grid.enabled", "data.vocab_preserve"}  # set by this test / tiny_cfg
     for key in [k for k in _leaves(recipe_cfg) if k not in overridden]:
         assert OmegaConf.select(saved, key) == OmegaConf.select(recipe_cfg, key), key
     assert m["train/global_step"] == steps

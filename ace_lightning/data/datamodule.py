@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,11 +24,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from ace_lightning.data.prompts import (
     ErasureRequest,
+    candidate_words,
     erase_prompts,
+    family,
     known_words,
     mine_neighbours,
     preserve_prompts,
-    template_family,
+    vocabulary_prompts,
 )
 from ace_lightning.method.text import encode_prompts, find_span, paired_positions, phrase_ids, token_mask
 from ace_lightning.models.sampling import SamplerSettings, generate
@@ -48,6 +52,23 @@ class ConceptData:
     latents: torch.Tensor  # (L, c, h, w) frozen-model x_0 for the concept's prompts
     ids: torch.Tensor  # (n, T) token ids of the erase prompts (for the soft-prompt attack)
     span: torch.Tensor  # (n, 2) [start, end) of the phrase in each erase prompt
+
+
+def pad_sample(nonpad: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
+    """bool (B, T): ``k`` random padding positions per row (fewer where a row has fewer pads). Random, not evenly
+    spread: every position must be covered across rows, because a text encoder's pads carry position features
+    (measured on ToyWorld: pads at positions 7-8, never sampled by an even spread from short prompts, dominated
+    the gate directions of a concept whose erase prompts end there)."""
+    g = torch.Generator().manual_seed(seed)
+    r = torch.rand(nonpad.shape, generator=g).masked_fill(nonpad, 2.0)  # (B, T): pads get uniform keys, others 2
+    kth = r.sort(dim=1).values[:, min(k, nonpad.shape[1]) - 1 : min(k, nonpad.shape[1])]  # (B, 1)
+    return (r <= kth) & ~nonpad
+
+
+def prompt_seed(seed: int, prompt: str) -> int:
+    """A latent's seed from the run seed and the prompt itself (not its position in a list), so runs whose
+    preserve sets overlap share the cached latents of the prompts they have in common."""
+    return int(hashlib.sha256(f"{seed}/{prompt}".encode()).hexdigest()[:8], 16)
 
 
 class LatentCache:
@@ -119,22 +140,50 @@ class ErasureDataModule(L.LightningDataModule):
         if self._ready:
             return
         c, cfg = self.components, self.cfg
-        family = template_family(c.source) if cfg.template_family == "auto" else cfg.template_family
-        self.family = family
         cache = Path(cfg.cache_dir)
-        self.preserve_prompts = preserve_prompts(self.requests, family, cfg.preserve_prompts, self.seed)
+        tok = c.tokenizer
+        # 1. mined neighbours first: they are erased too, so the vocabulary preserve set must not contain them
+        general = family(cfg.template_family, [], self.seed).preserve_pool
+        exclude = known_words(self.requests, c.source) | {w for p in general for w in re.findall(r"[a-z]+", p.lower())}
+        self.neighbours = [
+            mine_neighbours(c.text_encoder, tok, req, cfg.neighbours_k, cfg.neighbours_vocab, exclude, cache,
+                            min_z=cfg.neighbours_min_z, model_key=self.fingerprint) for req in self.requests]
+        erased = [p for r in self.requests for p in r.phrases] + [w for nb in self.neighbours for w, _ in nb]
+        erased_words = {w for p in erased for w in re.findall(r"[a-z]+", p.lower())}
+        # 2. what the model knows: whole words of its own vocabulary (frequent first), minus the erased ones;
+        #    a held-out slice after them measures the gate's false-fire rate on words it never saw
+        self.vocab = candidate_words(tok, cfg.vocab_preserve, erased_words)
+        # the gate's false-fire rate is measured on words of it in held-out three-word contexts (removing words
+        # from the preserve set instead would un-preserve them: measured to cost 'triangle' on ToyWorld)
+        rng = random.Random(f"{self.seed}/heldout-words")
+        self.vocab_heldout = rng.sample(self.vocab, min(cfg.vocab_heldout, len(self.vocab)))
+        self.fam = family(cfg.template_family, self.vocab, self.seed)
+        self.preserve_prompts = preserve_prompts(self.requests, self.fam, cfg.preserve_prompts, self.seed, erased)
         if not self.preserve_prompts:
             raise ValueError("no preserve prompts left after removing those that mention an erased concept")
-        self.preserve_emb, ids = encode_prompts(c.text_encoder, c.tokenizer, self.preserve_prompts)  # (m, T, d)
-        nonpad = token_mask(ids, c.tokenizer.eos_token_id)  # (m, T)
-        self.P = self.preserve_emb[nonpad].T.contiguous()  # (d, tokens): the closed form's preserve set (spec)
+        self.preserve_emb, ids = encode_prompts(c.text_encoder, tok, self.preserve_prompts)  # (m, T, d)
+        nonpad = token_mask(ids, tok.eos_token_id)  # (m, T)
+        # vocabulary words in neutral and modifier contexts, encoded by the model's own text encoder: token-level
+        # preserve equations for the closed form and negatives for the gate (no latents needed)
+        if self.vocab:
+            v_emb, v_ids = encode_prompts(c.text_encoder, tok, vocabulary_prompts(self.vocab, self.seed))  # (n, T, d)
+            v_nonpad = token_mask(v_ids, tok.eos_token_id)  # (n, T)
+            self.P_vocab = v_emb[v_nonpad].T.contiguous()  # (d, n_v)
+            # the gate also sees 8 random padding positions of every vocabulary prompt: pads carry the prompt's
+            # words through the causal encoder (measured: without them the gate fired on the pads of "a square"
+            # after erasing "circle")
+            v_gate = v_nonpad | pad_sample(v_nonpad, 8, self.seed)
+            self.P_vocab_gate = v_emb[v_gate].T.contiguous()  # (d, n_vg)
+        else:
+            self.P_vocab = self.P_vocab_gate = torch.zeros(self.preserve_emb.shape[-1], 0)
+        self.P = torch.cat([self.preserve_emb[nonpad].T, self.P_vocab], 1).contiguous()  # (d, tokens): spec's P
         # the gate must stay shut on every token the UNet attends to, padding included (padding EOS tokens
         # carry the prompt's content through the causal encoder): measured to fire on all pads otherwise
         masks = {"nonpad": nonpad, "all": torch.ones_like(nonpad)}
         if cfg.gate_preserve_tokens not in masks:
             raise ConfigError(f"data.gate_preserve_tokens must be one of {sorted(masks)}, got {cfg.gate_preserve_tokens!r}")
         self.preserve_mask = masks[cfg.gate_preserve_tokens]
-        self.P_gate = self.preserve_emb[self.preserve_mask].T.contiguous()  # (d, tokens)
+        self.P_gate = torch.cat([self.preserve_emb[self.preserve_mask].T, self.P_vocab_gate], 1).contiguous()  # (d, tok.)
 
         latents = LatentCache(cache, self.fingerprint, self.sampler)
         pipe = c.pipeline()
@@ -146,19 +195,16 @@ class ErasureDataModule(L.LightningDataModule):
         with ctx:
             npres = min(cfg.latents_preserve, len(self.preserve_prompts))
             self.preserve_latents = latents.get(
-                pipe, self.preserve_prompts[:npres], [self.seed * 7919 + i for i in range(npres)]
+                pipe, self.preserve_prompts[:npres], [prompt_seed(self.seed, p) for p in self.preserve_prompts[:npres]]
             )
             self.preserve_emb, self.preserve_mask = self.preserve_emb[:npres], self.preserve_mask[:npres]
-            for req in self.requests:
-                self.concepts.append(self._concept(req, family, cache, latents, pipe))
+            for req, nb in zip(self.requests, self.neighbours):
+                self.concepts.append(self._concept(req, nb, latents, pipe))
         self._ready = True
 
-    def _concept(self, req: ErasureRequest, family: str, cache: Path, latents: LatentCache, pipe) -> ConceptData:
+    def _concept(self, req: ErasureRequest, nb: list, latents: LatentCache, pipe) -> ConceptData:
         c, cfg = self.components, self.cfg
-        exclude = known_words(self.requests, c.source) | {w for p in self.preserve_prompts for w in p.lower().split()}
-        nb = mine_neighbours(c.text_encoder, c.tokenizer, req, cfg.neighbours_k, cfg.neighbours_vocab, exclude, cache,
-                             min_z=cfg.neighbours_min_z, model_key=self.fingerprint)
-        triples = erase_prompts(req, req.phrases + [w for w, _ in nb], family, cfg.prompts_per_concept, self.seed)
+        triples = erase_prompts(req, req.phrases + [w for w, _ in nb], self.fam, cfg.prompts_per_concept, self.seed)
         prompts, phrases, neutrals = map(list, zip(*triples))
         emb, ids = encode_prompts(c.text_encoder, c.tokenizer, prompts)  # (n, T, d), (n, T)
         span = torch.tensor([find_span(r, phrase_ids(c.tokenizer, ph)) for r, ph in zip(ids.tolist(), phrases)])
@@ -176,11 +222,41 @@ class ErasureDataModule(L.LightningDataModule):
         return ConceptData(req, prompts, phrases, neutrals, nb, emb, emb_neu, mask,
                            torch.cat(cols_c).T.contiguous(), torch.cat(cols_n).T.contiguous(), x0, ids, span)
 
+    @torch.no_grad()
+    def heldout_gate_rates(self, bank, threshold: float = 0.5) -> dict[str, float]:
+        """Per concept: how often its gate fires (> ``threshold``) on vocabulary words in held-out three-word
+        contexts (``gate/false_fire/<concept>``: other words it must leave alone), and on the concept's own last
+        token after held-out modifiers (``gate/target_fire/<concept>``)."""
+        from ace_lightning.method.adapter import slug
+        from ace_lightning.method.text import eos_position
+
+        c, words = self.components, self.vocab_heldout
+        if not words:
+            return {}
+        rng = random.Random(f"{self.seed}/heldout")
+        out = {}
+
+        def last_word_tokens(prompts):
+            h, ids = encode_prompts(c.text_encoder, c.tokenizer, prompts)
+            pos = [eos_position(r, c.tokenizer.eos_token_id) - 1 for r in ids.tolist()]
+            return h[torch.arange(len(prompts)), pos]  # (n, d)
+
+        others = last_word_tokens([f"a {rng.choice(words)} {rng.choice(words)} {w}" for w in words])
+        for cd in self.concepts:
+            ad = bank[cd.request.concept]
+            mine = last_word_tokens([f"a {rng.choice(words)} {rng.choice(words)} {cd.request.concept}"
+                                     for _ in range(min(64, len(words)))])
+            dev = ad.A.device
+            out[f"gate/false_fire/{slug(cd.request.concept)}"] = float((ad.gate(others.to(dev)) > threshold).float().mean())
+            out[f"gate/target_fire/{slug(cd.request.concept)}"] = float((ad.gate(mine.to(dev)) > threshold).float().mean())
+        return out
+
     def prompt_report(self) -> dict:
         """What exactly is erased, per concept: the augmented prompts with their phrase and neutral prompt,
         the synonyms, and the mined neighbours with their scores (written to the run folder as prompts.json)."""
         return {
-            "template_family": self.family,
+            "template_family": self.cfg.template_family,
+            "vocab_preserve": len(self.vocab), "preserve_vocab_tokens": int(self.P_vocab.shape[1]),
             "neighbours_min_z": self.cfg.neighbours_min_z,
             "concepts": [{
                 "concept": cd.request.concept, "kind": cd.request.kind, "neutral": cd.request.neutral,

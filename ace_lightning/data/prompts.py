@@ -1,7 +1,5 @@
-"""Erase requests and prompt augmentation: templates per kind, synonyms, mined neighbour words.
-
-Two template families: ``sd`` (natural-language prompts for Stable Diffusion) and ``toyworld``
-(the phrasing the embedded ToyWorld model was trained on, with colour/style/shape slots).
+"""Erase requests and prompt augmentation: templates per kind with modifier contexts, synonyms, mined neighbour
+words, and preservation derived from the model's own vocabulary (nothing here knows any particular model).
 """
 
 from __future__ import annotations
@@ -15,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ace_lightning.registry import ConfigError
+from ace_lightning.registry import ConfigError, register
 
 KINDS = ("object", "style", "person", "nsfw")
 
@@ -41,25 +39,29 @@ class ErasureRequest:
         return [self.concept, *self.synonyms]
 
 
-# {} is the concept phrase; {color}/{style}/{shape} are filled from the family's vocabulary.
-TEMPLATES: dict[str, dict[str, list[str]]] = {
-    "sd": {
-        "object": ["a photo of a {}", "a picture of the {}", "an image of a {}", "a {} in a field", "a close-up photo of a {}",
-                   "a painting of a {}", "a {} on a table", "a blurry photo of a {}", "a {}", "a realistic {}"],
-        "style": ["a painting in the style of {}", "an artwork by {}", "a landscape painted by {}", "a portrait by {}",
-                  "a still life in the style of {}", "art by {}", "a city street, painting by {}", "{} style painting"],
-        "person": ["a photo of {}", "a portrait of {}", "an image of {}", "{} smiling", "a headshot of {}",
-                   "{} on the red carpet", "a painting of {}", "{}"],
-        "nsfw": ["a photo of a {} person", "{}", "a {} woman", "a {} man", "an image with {}", "a {} scene"],
-    },
-    "toyworld": {
-        "object": ["a {}", "a {color} {}", "a {style} {}", "a {color} {style} {}", "a picture of a {color} {}",
-                   "a drawing of a {style} {}", "an image of a {color} {style} {}", "a photo of a {}"],
-        "style": ["a {} {shape}", "a {color} {} {shape}", "a picture of a {} {shape}", "a drawing of a {color} {} {shape}",
-                  "an image of a {} {shape}", "a {} shape", "a picture of a {color} {} object"],
-        "person": ["{}", "a picture of {}", "a drawing of {}", "an image of {}", "a photo of {}"],
-        "nsfw": ["a {} {shape}"],
-    },
+# Template families (registry kind ``template_family``): ``{}`` is the concept phrase; other ``{slot}``s are filled
+# from the family's fields. ``sd`` is the generic family every model gets by default: its modifier slots ``{m}``,
+# ``{m2}`` are filled from the model's own vocabulary, so the concept is erased in many contexts (a causal text
+# encoder gives the same word different embeddings after different words). A world may register its own family
+# (ToyWorld's ``toyworld``, in ``toyworld/plugin.py``) as an option.
+@dataclass
+class TemplateFamily:
+    templates: dict[str, list[str]]  # kind -> templates
+    fields: dict[str, list[str]]  # slot -> values
+    preserve_pool: list[str]  # preserve prompts (some get latents for L_pres)
+
+
+SD_TEMPLATES: dict[str, list[str]] = {
+    "object": ["a photo of a {}", "a picture of the {}", "an image of a {}", "a {} in a field", "a close-up photo of a {}",
+               "a painting of a {}", "a {} on a table", "a blurry photo of a {}", "a {}", "a realistic {}",
+               "a {m} {}", "a photo of a {m} {}", "a {m} {m2} {}", "an image of a {m} {m2} {}", "{m} {}", "the {m} {} and a {m2}"],
+    "style": ["a painting in the style of {}", "an artwork by {}", "a landscape painted by {}", "a portrait by {}",
+              "a still life in the style of {}", "art by {}", "a city street, painting by {}", "{} style painting",
+              "a {m} in the style of {}", "a {m} {m2} by {}", "a {} {m}", "a {m} {} {m2}", "{m} art by {}"],
+    "person": ["a photo of {}", "a portrait of {}", "an image of {}", "{} smiling", "a headshot of {}",
+               "{} on the red carpet", "a painting of {}", "{}", "a {m} photo of {}", "{} with a {m}", "a {m} {m2} of {}"],
+    "nsfw": ["a photo of a {} person", "{}", "a {} woman", "a {} man", "an image with {}", "a {} scene",
+             "a {m} {} {m2}", "a {} {m}"],
 }
 
 GENERAL_SD_PROMPTS = [
@@ -74,19 +76,19 @@ GENERAL_SD_PROMPTS = [
 ]
 
 
-def template_family(model_source: str) -> str:
-    """``toyworld`` for the embedded model, ``sd`` otherwise."""
-    from ace_lightning.toyworld import PIPELINE_DIR
+@register("template_family", "sd")
+def sd_family(vocab: list[str], seed: int = 0) -> TemplateFamily:
+    """Generic prompts; modifiers and preserve prompts come from ``vocab`` (the model's own whole words)."""
+    rng = random.Random(f"{seed}/sd-family")
+    mods = list(vocab) or ["red"]
+    pool = list(GENERAL_SD_PROMPTS) + [f"a {rng.choice(mods)} {w}" for w in vocab] + [f"a {w}" for w in vocab]
+    return TemplateFamily(SD_TEMPLATES, {"m": mods, "m2": mods}, pool)
 
-    return "toyworld" if Path(model_source).resolve() == PIPELINE_DIR.resolve() else "sd"
 
+def family(name: str, vocab: list[str], seed: int = 0) -> TemplateFamily:
+    from ace_lightning.registry import lookup
 
-def _fields(family: str) -> dict[str, list[str]]:
-    if family != "toyworld":
-        return {}
-    from ace_lightning.toyworld.world import COLORS, SHAPES, STYLES
-
-    return {"color": list(COLORS), "style": [s for s in STYLES if s != "plain"], "shape": list(SHAPES)}
+    return lookup("template_family", name)(vocab, seed)
 
 
 def _fill(template: str, phrase: str, fields: dict[str, list[str]], rng: random.Random) -> str:
@@ -94,43 +96,49 @@ def _fill(template: str, phrase: str, fields: dict[str, list[str]], rng: random.
     return template.replace("{}", "\x00").format(**vals).replace("\x00", phrase)
 
 
-def erase_prompts(req: ErasureRequest, phrases: list[str], family: str, n: int, seed: int) -> list[tuple[str, str, str]]:
+def erase_prompts(req: ErasureRequest, phrases: list[str], fam: TemplateFamily, n: int, seed: int
+                  ) -> list[tuple[str, str, str]]:
     """``n`` triples (prompt, phrase, neutral prompt): the same template and slots with the neutral phrase."""
     rng = random.Random(f"{seed}/{req.concept}")
-    templates, fields = TEMPLATES[family][req.kind], _fields(family)
+    templates = fam.templates[req.kind]
     out = []
     for i in range(n):
         phrase = phrases[i % len(phrases)]  # cycle phrases so every synonym is covered
         t = rng.choice(templates)
         state = rng.getstate()
-        p = _fill(t, phrase, fields, rng)
+        p = _fill(t, phrase, fam.fields, rng)
         rng.setstate(state)  # same slot values for the neutral prompt
-        out.append((p, phrase, _fill(t, req.neutral, fields, rng)))
+        out.append((p, phrase, _fill(t, req.neutral, fam.fields, rng)))
     return out
 
 
-def _mentions(prompt: str, phrases: list[str]) -> bool:
+def mentions(prompt: str, phrases: list[str]) -> bool:
     low = prompt.lower()
     return any(re.search(r"\b" + re.escape(p.lower()) + r"\b", low) for p in phrases)
 
 
-def preserve_prompts(requests: list[ErasureRequest], family: str, n: int, seed: int) -> list[str]:
-    """General prompts + requested preserve phrases, minus any that mention an erased phrase."""
-    erased = [p for r in requests for p in r.phrases]
+def preserve_prompts(requests: list[ErasureRequest], fam: TemplateFamily, n: int, seed: int,
+                     erased: list[str] | None = None) -> list[str]:
+    """The requested preserve phrases (in the family's templates), then the family's pool shuffled, minus any
+    prompt that mentions an erased phrase (``erased``: the requests' phrases and mined neighbours)."""
+    erased = list(erased or [p for r in requests for p in r.phrases])
     rng = random.Random(f"{seed}/preserve")
-    if family == "toyworld":
-        from ace_lightning.toyworld.world import CHARACTERS, COLORS, SHAPES, STYLES
-
-        nouns = [*SHAPES, "shape", "object"]
-        pool = [f"a {c} {st} {sh}" for sh in nouns for c in COLORS for st in STYLES]
-        pool += [f"a {st} {sh}" for sh in nouns for st in STYLES]  # short prompts: their padding differs
-        pool += [f"a {sh}" for sh in SHAPES] + [f"a {st} shape" for st in STYLES] + [f"a picture of {c}" for c in CHARACTERS]
-    else:
-        pool = list(GENERAL_SD_PROMPTS)
-    extra = [_fill(rng.choice(TEMPLATES[family][r.kind]), p, _fields(family), rng) for r in requests for p in r.preserve]
-    pool = [p for p in pool if not _mentions(p, erased)]
+    extra = [_fill(rng.choice(fam.templates[r.kind]), p, fam.fields, rng) for r in requests for p in r.preserve]
+    pool = [p for p in fam.preserve_pool if not mentions(p, erased)]
     rng.shuffle(pool)
     return extra + pool[: max(0, n - len(extra))]
+
+
+def vocabulary_prompts(words: list[str], seed: int) -> list[str]:
+    """What the model knows, in context: ``a {w}`` and ``a {m} {w}`` (m another word of the list) for every word,
+    ``a {m} {m2} {w}`` for every 4th.
+    Encoded by the model's own text encoder as preserve tokens (no latents). Measured on ToyWorld: with the
+    modifier context for only the 4000 most frequent words, 'triangle' (rank 8474) fell to 0.25-0.42 after
+    erasing 'circle'; with it for every word, 0.83-0.92."""
+    rng = random.Random(f"{seed}/vocab")
+    out = [f"a {w}" for w in words] + [f"a {rng.choice(words)} {w}" for w in words]
+    # and two modifiers for every 4th word: the padding after longer prompts (pads carry the whole prompt)
+    return out + [f"a {rng.choice(words)} {rng.choice(words)} {w}" for w in words[::4]]
 
 
 def known_words(requests: list[ErasureRequest], source: str | None = None) -> set[str]:

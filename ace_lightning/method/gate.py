@@ -92,13 +92,44 @@ def calibrate(s_target: torch.Tensor, s_preserve: torch.Tensor, target_q: float 
 
 # Gate-direction strategies: built once per run from the gate's preserve tokens P (d, m); each returns the
 # per-concept map C (d, n) -> Q (d, q).
+def hard_negative_whitener(P_hat: torch.Tensor, S_all: torch.Tensor, Q: torch.Tensor, frac: float, weight: float,
+                           eps: float = 1e-3) -> torch.Tensor:
+    """Whitener ``(S_all + weight · S_hard + ε)^{-1/2}`` (d, d) where ``S_hard`` is the covariance of the preserve
+    tokens that score highest under the current directions ``Q`` (the top ``frac`` of P_hat (d, m), unit columns).
+
+    Uniform whitening is dominated by the bulk of the vocabulary; the tokens a concept's gate confuses with it
+    (another shape, the colour word in front of it) are a few hundred among tens of thousands. Up-weighting
+    them in the metric makes the contrast directions separate the concept from its nearest neighbours."""
+    s = (Q.T.double() @ P_hat).pow(2).sum(0)  # (m,)
+    k = max(16, int(frac * P_hat.shape[1]))
+    H = P_hat[:, s.topk(min(k, P_hat.shape[1])).indices]  # (d, k)
+    S = S_all + weight * (H @ H.T) / H.shape[1]
+    d = S.shape[0]
+    lam, E = torch.linalg.eigh(S + eps * float(torch.trace(S)) / d * torch.eye(d, dtype=torch.float64))
+    return (E * lam.rsqrt()) @ E.T
+
+
+# Gate-direction strategies: built once per run from the gate's preserve tokens P (d, m); each returns the
+# per-concept map C (d, n) -> Q (d, q).
 @register("gate_directions", "contrast")
-def contrast_strategy(P: torch.Tensor, q: int, project_out: int):
-    Wh = preserve_whitener(P)  # shared by every concept
-    return lambda C: contrast_directions(C, q, Wh)
+def contrast_strategy(P: torch.Tensor, q: int, project_out: int, hard_rounds: int = 0, hard_frac: float = 0.01,
+                      hard_weight: float = 10.0):
+    """Contrast directions in the preserve-whitened space; with ``hard_rounds`` > 0 the whitener is re-built that
+    many times around the concept's hardest preserve tokens (:func:`hard_negative_whitener`)."""
+    P_hat = _unit_cols(P.double())  # (d, m)
+    S_all = P_hat @ P_hat.T / P_hat.shape[1]  # (d, d), shared by every concept
+    Wh = preserve_whitener(P)
+
+    def directions(C: torch.Tensor) -> torch.Tensor:
+        Q = contrast_directions(C, q, Wh)
+        for _ in range(hard_rounds):
+            Q = contrast_directions(C, q, hard_negative_whitener(P_hat, S_all, Q, hard_frac, hard_weight))
+        return Q
+
+    return directions
 
 
 @register("gate_directions", "svd")
-def svd_strategy(P: torch.Tensor, q: int, project_out: int):
+def svd_strategy(P: torch.Tensor, q: int, project_out: int, **_unused):
     Up = preserve_directions(P, project_out)  # shared by every concept
     return lambda C: gate_directions(C, q, Up)

@@ -29,6 +29,7 @@ def training_noise_scheduler(scheduler):
 
 
 class ErasureSystem(L.LightningModule):
+    GATE_VOCAB_SAMPLE = 256  # vocabulary tokens added to the gate loss's negatives per step
     def __init__(self, components, adapter_cfg, loss_cfg, optim_cfg, adv_cfg):
         super().__init__()
         object.__setattr__(self, "components", components)
@@ -40,6 +41,7 @@ class ErasureSystem(L.LightningModule):
         self.concept_keys: list[str] = []
         self.adv_pool: list[dict] = []
         self.init_stats: dict = {}
+        self.vocab_tokens = torch.zeros(0, 0)
 
     # -- plumbing ----------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -47,6 +49,7 @@ class ErasureSystem(L.LightningModule):
         self.text_encoder.to(self.device)
         dm = self.trainer.datamodule
         self.concept_keys = [cd.request.concept for cd in dm.concepts]
+        self.vocab_tokens = dm.P_vocab_gate.T.contiguous()  # (n_v, d): gate negatives from the model's vocabulary
 
     def on_fit_start(self) -> None:
         self.unet.to(self.device)
@@ -95,6 +98,10 @@ class ErasureSystem(L.LightningModule):
 
         # gate: each concept's gate on its own target tokens vs every preserve token
         pres_tok = batch["emb_p"][batch["preserve_mask"]]  # (m, d)
+        if len(self.vocab_tokens):  # plus a fixed-size sample of vocabulary tokens (deterministic in the step)
+            g = torch.Generator().manual_seed(10_007 + self.global_step)
+            pick = torch.randint(len(self.vocab_tokens), (self.GATE_VOCAB_SAMPLE,), generator=g)
+            pres_tok = torch.cat([pres_tok, self.vocab_tokens[pick].to(pres_tok)])
         l_gate, g_t_all, g_p_all = 0.0, [], []
         for k, name in enumerate(self.concept_keys):
             ad = self.bank[name]
