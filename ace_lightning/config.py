@@ -6,6 +6,7 @@ Unknown keys are errors that list the valid keys at that level. Concept presets
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,12 +142,16 @@ class LoggerCfg:
 @dataclass
 class RunCfg:
     concept: str | None = ""
+    kind: str = "object"
+    neutral: str | None = None
+    synonyms: list[str] = field(default_factory=list)
     experiment: str = ""
     concepts: list[RequestCfg] = field(default_factory=list)
     name: str | None = None
     seed: int = 0
     output_dir: str = "outputs"
     ckpt_path: str | None = None
+    overwrite: bool = False
     model: ModelCfg = field(default_factory=ModelCfg)
     adapter: AdapterCfg = field(default_factory=AdapterCfg)
     closed_form: ClosedFormCfg = field(default_factory=ClosedFormCfg)
@@ -180,6 +185,61 @@ def _merge(cfg: DictConfig, other, origin: str) -> DictConfig:
         raise ConfigError(f"bad value in {origin}: {e.msg if hasattr(e, 'msg') else e}") from None
 
 
+# What an ad-hoc concept turns into when no neutral= is given (a preset names its own).
+DEFAULT_NEUTRALS = {"object": "object", "style": "art", "person": "a person", "nsfw": "a clothed person"}
+
+
+def _adhoc(cfg: DictConfig, name: str) -> DictConfig:
+    kind = str(cfg.kind)
+    if kind not in DEFAULT_NEUTRALS:
+        raise ConfigError(f"unknown kind {kind!r} for concept {name!r}; valid: {sorted(DEFAULT_NEUTRALS)}")
+    neutral = cfg.neutral if cfg.neutral else DEFAULT_NEUTRALS[kind]
+    return OmegaConf.structured(RequestCfg(concept=name, kind=kind, neutral=str(neutral),
+                                           synonyms=[str(x) for x in cfg.synonyms]))
+
+
+# (key, valid?, the valid range in words): nonsense values are refused before anything is loaded
+RANGES = [
+    ("adapter.rank", lambda v: v >= 1, ">= 1"), ("adapter.gate_q", lambda v: v >= 1, ">= 1"),
+    ("adapter.gate_hard_rounds", lambda v: v >= 0, ">= 0"), ("adapter.gate_target", lambda v: 0.5 < v < 1, "in (0.5, 1)"),
+    ("closed_form.lam", lambda v: v > 0, "> 0"), ("closed_form.s_e", lambda v: v >= 0, ">= 0"),
+    ("closed_form.s_p", lambda v: v >= 0, ">= 0"), ("loss.eta", lambda v: v >= 0, ">= 0"),
+    ("loss.alpha_pres", lambda v: v >= 0, ">= 0"), ("loss.alpha_gate", lambda v: v >= 0, ">= 0"),
+    ("optim.lr", lambda v: v > 0, "> 0"), ("optim.lr_gate", lambda v: v >= 0, ">= 0"),
+    ("optim.weight_decay", lambda v: v >= 0, ">= 0"), ("trainer.max_steps", lambda v: v >= 0, ">= 0"),
+    ("trainer.devices", lambda v: v >= 1, ">= 1"), ("trainer.checkpoint_every", lambda v: v >= 1, ">= 1"),
+    ("trainer.threads", lambda v: v >= 0, ">= 0"), ("trainer.log_every_n_steps", lambda v: v >= 1, ">= 1"),
+    ("data.batch_size", lambda v: v >= 1, ">= 1"), ("data.prompts_per_concept", lambda v: v >= 1, ">= 1"),
+    ("data.preserve_prompts", lambda v: v >= 1, ">= 1"), ("data.latents_per_concept", lambda v: v >= 1, ">= 1"),
+    ("data.latents_preserve", lambda v: v >= 1, ">= 1"), ("data.neighbours_k", lambda v: v >= 0, ">= 0"),
+    ("data.neighbours_vocab", lambda v: v >= 0, ">= 0"), ("data.vocab_preserve", lambda v: v >= 0, ">= 0"),
+    ("data.vocab_heldout", lambda v: v >= 0, ">= 0"), ("adv.every", lambda v: v >= 1, ">= 1"),
+    ("adv.warmup", lambda v: v >= 0, ">= 0"), ("adv.steps", lambda v: v >= 1, ">= 1"),
+    ("adv.n_adv", lambda v: v >= 1, ">= 1"), ("adv.rows", lambda v: v >= 1, ">= 1"), ("adv.pool", lambda v: v >= 1, ">= 1"),
+    ("sampler.steps", lambda v: v >= 1, ">= 1"), ("sampler.guidance", lambda v: v >= 0, ">= 0"),
+]
+MAX_NAME = 120  # characters of a run folder name (file systems allow 255 bytes)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Ranges of numeric settings and the concept list; ConfigError naming the key and its valid range."""
+    for key, ok, words in RANGES:
+        v = OmegaConf.select(cfg, key)
+        if v is not None and not ok(v):
+            raise ConfigError(f"{key}={v} is out of range: must be {words}")
+    from ace_lightning.method.adapter import slug
+
+    seen: dict[str, str] = {}
+    for c in cfg.concepts:
+        key = slug(str(c.concept))
+        if key in seen:
+            raise ConfigError(f"concept {c.concept!r} is given twice (as {seen[key]!r} too)")
+        seen[key] = str(c.concept)
+    run_name = cfg.name or "+".join(seen)
+    if len(run_name) > MAX_NAME:
+        raise ConfigError(f"run name of {len(run_name)} characters (> {MAX_NAME}): give a shorter name=")
+
+
 def presets() -> list[str]:
     return sorted(p.stem for p in (EXPERIMENTS_DIR / "concepts").glob("*.yaml"))
 
@@ -197,6 +257,12 @@ def load_config(overrides: list[str] | None = None, base: Path | None = None) ->
     for o in overrides or []:
         if "=" not in o:
             raise ConfigError(f"override {o!r} is not key=value")
+    for o in overrides or []:
+        try:
+            OmegaConf.from_dotlist([o])
+        except Exception as e:  # noqa: BLE001 - omegaconf/yaml raise several types for unparsable values
+            raise ConfigError(f"cannot parse the override {o!r} ({type(e).__name__}); quote values that YAML "
+                              "would read as syntax") from None
     cli = OmegaConf.from_dotlist(list(overrides or []))
     recipe = cli.get("experiment") or cfg.experiment
     if recipe:
@@ -204,13 +270,16 @@ def load_config(overrides: list[str] | None = None, base: Path | None = None) ->
         cfg = _merge(cfg, _yaml(path, f"experiment {recipe!r}"), str(path))
     cfg = _merge(cfg, cli, "command-line overrides")
     names = [c.strip() for c in str(cfg.concept or "").split(",")]
+    if str(cfg.concept or "").strip() and not any(names):
+        raise ConfigError(f"no concept name in concept={cfg.concept!r}")
     if cfg.concept is not None and str(cfg.concept).strip() and any(not n for n in names):
         raise ConfigError(f"empty concept name in concept={cfg.concept!r}")
     for n in [n for n in names if n]:
         path = EXPERIMENTS_DIR / "concepts" / f"{n}.yaml"
-        if not path.is_file():
-            raise ConfigError(f"unknown concept {n!r}: no preset experiments/concepts/{n}.yaml; presets: {presets()}"
-                              " (or give concepts=[{concept: ..., kind: ..., neutral: ...}] in a recipe)")
+        if not (re.fullmatch(r"[\w.-]{1,100}", n) and path.is_file()):  # any phrase: an ad-hoc request
+            # (kind=, neutral=, synonyms= apply to it)
+            cfg.concepts = list(cfg.concepts) + [_adhoc(cfg, n)]
+            continue
         pre = _yaml(path, "concept preset")
         extra = set(pre.keys()) - {"concepts"}
         if extra:
@@ -219,5 +288,6 @@ def load_config(overrides: list[str] | None = None, base: Path | None = None) ->
         cfg.concepts = list(cfg.concepts) + list(merged.concepts)
     if not cfg.concepts:
         raise ConfigError("nothing to erase: give concept=<name>[,<name>...] (presets: " + ", ".join(presets()) + ")")
+    validate(cfg)
     OmegaConf.set_struct(cfg, True)
     return cfg

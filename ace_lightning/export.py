@@ -60,6 +60,9 @@ def read_adapter(path) -> tuple[dict[str, torch.Tensor], dict]:
         raise AdapterError(f"{path} is not a readable safetensors file (corrupted or truncated?): {e}") from e
     if meta.get("format") != FORMAT:
         raise AdapterError(f"{path} is not an ace_lightning adapter (format {meta.get('format')!r}, expected {FORMAT!r})")
+    bad = sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    if bad:
+        raise AdapterError(f"{path} holds NaN or Inf values in {bad[:3]}{' ...' if len(bad) > 3 else ''}: refusing it")
     meta = dict(meta, concepts=json.loads(meta["concepts"]), targets=json.loads(meta["targets"]),
                 signature=json.loads(meta.get("signature", "[]")))
     return tensors, meta

@@ -6,7 +6,9 @@ config -> components, datamodule, system, callbacks, logger, trainer -> fit -> e
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,18 +23,36 @@ from ace_lightning.data.datamodule import ErasureDataModule
 from ace_lightning.data.prompts import ErasureRequest
 from ace_lightning.export import save_adapter
 from ace_lightning.method.adapter import slug
-from ace_lightning.models.loading import content_fingerprint, load_components, model_fingerprint
+from ace_lightning.models.loading import (
+    content_fingerprint,
+    load_components,
+    model_fingerprint,
+    resolve_model_dir,
+)
 from ace_lightning.models.sampling import SamplerSettings
 from ace_lightning.registry import ConfigError
 from ace_lightning.systems.erasure import ErasureSystem
-from ace_lightning.utils import atomic_write_json, atomic_write_text
+from ace_lightning.utils import atomic_write_json, atomic_write_text, quiet_known_notices
+
+
+class RunExistsError(ConfigError):
+    """The run folder already holds a run and neither resume nor overwrite was asked for."""
+
+
+def check_writable(path: Path, what: str) -> None:
+    """Create ``path`` and write a probe file in it, or raise a ConfigError naming the setting."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{what} {path} is not writable: {e.strerror or e}") from None
 
 
 def run(cfg) -> dict:
     t0 = time.perf_counter()
+    quiet_known_notices()
     t = cfg.trainer
-    torch.set_num_threads(t.threads or max(1, (os.cpu_count() or 1) // max(1, t.devices)))
-    L.seed_everything(cfg.seed, workers=True)
     requests = [ErasureRequest(**OmegaConf.to_container(c)) for c in cfg.concepts]
     run_dir = Path(cfg.output_dir) / (cfg.name or "+".join(slug(r.concept) for r in requests))
     ckpt_dir = run_dir / "checkpoints"
@@ -41,6 +61,18 @@ def run(cfg) -> dict:
         ckpt = ckpt_dir / "last.ckpt" if cfg.ckpt_path == "last" else Path(cfg.ckpt_path)
         if not ckpt.is_file():
             raise FileNotFoundError(f"checkpoint to resume from not found: {ckpt}")
+    elif (run_dir / "adapter.safetensors").exists() or any(ckpt_dir.glob("*.ckpt")):
+        if not cfg.overwrite:
+            raise RunExistsError(
+                f"{run_dir} already holds a run: resume it with ckpt_path=last, choose another folder with name=<run>, "
+                "or replace it with overwrite=true")
+        shutil.rmtree(ckpt_dir, ignore_errors=True)  # never leave a stale last.ckpt for a later resume
+    check_writable(run_dir, "output_dir")  # fail before any model is loaded, not after training
+    check_writable(Path(cfg.data.cache_dir), "data.cache_dir")
+    resolve_model_dir(cfg.model.path)  # a missing model fails here, before anything is loaded
+
+    torch.set_num_threads(t.threads or max(1, (os.cpu_count() or 1) // max(1, t.devices)))
+    L.seed_everything(cfg.seed, workers=True)
 
     comps = load_components(cfg.model.path, cfg.model.dtype, cfg.model.device)
     fingerprint = model_fingerprint(comps.unet, cfg.adapter.targets)
@@ -93,11 +125,20 @@ def run(cfg) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """The command line: user errors (config, missing model, bad adapter, existing run, missing files) print one
+    line and exit 2; ``ACE_DEBUG=1`` shows the traceback instead."""
+    from ace_lightning.export import AdapterError
+    from ace_lightning.models.loading import ModelNotFoundError
+
     try:
         cfg = load_config(sys.argv[1:] if argv is None else argv)
-    except ConfigError as e:
-        raise SystemExit(f"config error: {e}") from None
-    return run(cfg)
+        return run(cfg)
+    except (ConfigError, ModelNotFoundError, AdapterError, FileNotFoundError) as e:
+        if os.environ.get("ACE_DEBUG"):
+            raise
+        what = "config error" if isinstance(e, ConfigError) else "error"
+        print(f"{what}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

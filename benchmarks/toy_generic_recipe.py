@@ -46,7 +46,7 @@ def main() -> None:
         name = "+".join(names)
         t0 = time.perf_counter()
         metrics = run(load_config([f"concept={erase}", f"output_dir={out}", f"name={name}", "logger.wandb=false",
-                                   "grid.enabled=false", "trainer.enable_progress_bar=false", *shlex.split(a.args)]))
+                                   "grid.enabled=false", "trainer.enable_progress_bar=false", "overwrite=true", *shlex.split(a.args)]))
         secs = time.perf_counter() - t0
         apply_adapter(pipe, out / name / "adapter.safetensors")
         after = E.evaluate(pipe, clf, a.kind, a.n)

@@ -79,7 +79,7 @@ def main() -> None:
         name = recipe.replace("/", "_")
         t0 = time.perf_counter()
         overrides = [f"concept={args.concept}", f"output_dir={out}", f"name={name}", "logger.wandb=false",
-                     "grid.enabled=false", "trainer.enable_progress_bar=false"]
+                     "grid.enabled=false", "trainer.enable_progress_bar=false", "overwrite=true"]
         if recipe != "base":
             overrides.append(f"experiment={recipe}")
         run(load_config(overrides))

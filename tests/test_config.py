@@ -56,9 +56,41 @@ def test_registry_unknown_name_and_key():
         registry.build("timesteps", {"name": "uniform", "hi": 3})
 
 
+def test_any_concept_by_name():
+    """A phrase without a preset is an ad-hoc request: kind= (default object), neutral= (default by kind), synonyms=."""
+    cfg = load_config(["concept=van gogh", "kind=style"])
+    (c,) = cfg.concepts
+    assert (c.concept, c.kind, c.neutral, list(c.synonyms)) == ("van gogh", "style", "art", [])
+    cfg = load_config(["concept=dragon", "neutral=animal", "synonyms=[wyvern,drake]"])
+    assert (cfg.concepts[0].neutral, list(cfg.concepts[0].synonyms)) == ("animal", ["wyvern", "drake"])
+    preset = load_config(["concept=circle,dragon"])  # presets keep their own neutral and synonyms
+    assert [c.neutral for c in preset.concepts] == ["shape", "object"] and list(preset.concepts[0].synonyms)
+    with pytest.raises(ConfigError, match="unknown kind 'animal'"):
+        load_config(["concept=dragon", "kind=animal"])
+    from ace_lightning.method.adapter import slug
+
+    assert slug("ñandú") == "ñandú" and slug("ñandú") != slug("and")  # non-ASCII names keep distinct folders
+
+
+@pytest.mark.parametrize("override,message", [
+    ("adapter.rank=0", r"adapter.rank=0 is out of range: must be >= 1"),
+    ("loss.eta=-1", r"loss.eta=-1.0 is out of range: must be >= 0"),
+    ("trainer.max_steps=-5", r"trainer.max_steps=-5 is out of range: must be >= 0"),
+    ("optim.lr=0", r"optim.lr=0.0 is out of range: must be > 0"),
+    ("data.batch_size=0", r"data.batch_size=0 is out of range"),
+])
+def test_nonsense_values_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config([DOG, override])
+
+
 def test_concept_errors():
-    with pytest.raises(ConfigError, match="unknown concept 'nonexistent_thing'"):
-        load_config(["concept=nonexistent_thing"])
+    with pytest.raises(ConfigError, match="given twice"):
+        load_config(["concept=circle,circle"])
+    with pytest.raises(ConfigError, match="no concept name|parse"):
+        load_config(["concept=,"])
+    with pytest.raises(ConfigError, match="shorter name="):
+        load_config(["concept=" + "x" * 300])
     with pytest.raises(ConfigError, match="nothing to erase"):
         load_config(["concept="])
     with pytest.raises(ConfigError, match="empty concept name"):
@@ -83,11 +115,26 @@ def test_missing_model_path_is_clear(tmp_path):
         load_components("nobody/not-a-cached-model")
 
 
-def test_cli_reports_config_errors(capsys):
+@pytest.mark.parametrize("args,message", [
+    ([DOG, "loss.etaa=1"], "config error: unknown config key 'loss.etaa'"),
+    (["concept=,"], "config error:"),
+    (["concept=circle,circle"], "config error: concept 'circle' is given twice"),
+    (["concept=" + "y" * 300], "config error: run name of 300 characters"),
+    ([DOG, "adapter.rank=0"], "config error: adapter.rank=0 is out of range"),
+    ([DOG, "model.path=/nonexistent/model"], "error: model directory /nonexistent/model does not exist"),
+    ([DOG, "ckpt_path=last", "output_dir=/tmp/ace-no-such-run"], "error: checkpoint to resume from not found"),
+    ([DOG, "output_dir=/proc/ace-cannot-write"], "config error: output_dir /proc/ace-cannot-write"),
+])
+def test_cli_errors_are_one_line(args, message, capsys, monkeypatch):
+    """Bad input: exit status 2, one line on stderr naming the problem, no traceback (unless ACE_DEBUG)."""
     from ace_lightning.train import main
 
-    with pytest.raises(SystemExit, match="config error"):
-        main([DOG, "loss.etaa=1"])
+    monkeypatch.delenv("ACE_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(message), err
     assert Path(EXPERIMENTS_DIR / "base.yaml").is_file()
 
 

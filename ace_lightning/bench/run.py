@@ -158,8 +158,21 @@ def _log_wandb(cfg, out, run, suite, results, primary, grid) -> None:
     logger.experiment.finish()
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """User errors (config, missing model or weights, bad adapter, missing files) print one line and exit 2;
+    ``ACE_DEBUG=1`` shows the traceback instead."""
+    from ace_lightning.bench.scorers import ScorerWeightsError
+    from ace_lightning.export import AdapterError
+    from ace_lightning.models.loading import ModelNotFoundError
+
     try:
         main()
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+    except (ConfigError, ModelNotFoundError, AdapterError, ScorerWeightsError, FileNotFoundError) as e:
+        if os.environ.get("ACE_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    cli()

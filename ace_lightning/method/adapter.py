@@ -20,7 +20,7 @@ from torch import nn
 
 def slug(name: str) -> str:
     """A ModuleDict-safe key for a concept name (``"Van Gogh" -> "van_gogh"``)."""
-    s = re.sub(r"[^0-9a-zA-Z]+", "_", name.strip().lower()).strip("_")
+    s = re.sub(r"[\W_]+", "_", name.strip().lower()).strip("_")  # letters of any script stay (ñandú, not "and")
     if not s:
         raise ValueError(f"concept name {name!r} has no letters or digits")
     return s
