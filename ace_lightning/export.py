@@ -87,17 +87,26 @@ def same_base_model(unet, meta) -> tuple[bool, str]:
     return signature_matches(meta["signature"], weight_signature(unet, meta["targets"]), roundoff), fp
 
 
+def check_compatible(unet, path, meta: dict | None = None) -> dict:
+    """AdapterError unless the adapter file at ``path`` was made for ``unet``'s base model; returns its metadata.
+    Cheap (no adapter tensors are applied): used up front, before any expensive work."""
+    if meta is None:
+        _, meta = read_adapter(path)
+    ok, fp = same_base_model(unet, meta)
+    if not ok:
+        raise AdapterError(
+            f"adapter {path} was made for base model {meta['base_model']!r} (fingerprint {meta['fingerprint']}), "
+            f"but this UNet's edited projections have fingerprint {fp} (and their weight signature differs by "
+            "more than a change of precision explains): refusing to apply it to another model"
+        )
+    return meta
+
+
 def load_into(unet, path, check_fingerprint: bool = True) -> AdapterBank:
     """Inject an adapter file into ``unet`` (which must carry none)."""
     tensors, meta = read_adapter(path)
     if check_fingerprint:
-        ok, fp = same_base_model(unet, meta)
-        if not ok:
-            raise AdapterError(
-                f"adapter {path} was made for base model {meta['base_model']!r} (fingerprint {meta['fingerprint']}), "
-                f"but this UNet's edited projections have fingerprint {fp} (and their weight signature differs by "
-                "more than a change of precision explains): refusing to apply it to another model"
-            )
+        check_compatible(unet, path, meta)
     bank = inject(unet, meta["targets"])
     try:
         for c in meta["concepts"]:

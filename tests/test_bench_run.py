@@ -204,3 +204,15 @@ def test_resume_refuses_other_settings(one_process_run, tiny_suite, tiny_model_d
 
     with pytest.raises(ConfigError, match="other settings.*sampler"):
         _run(tiny_suite, tiny_model_dir, one_process_run, "steps=3")
+
+
+def test_adapter_for_another_model_fails_before_generating(tiny_suite, tiny_model_dir, tiny_v2_model_dir, tmp_path):
+    """An adapter made for another model is refused up front: no image is generated (it used to fail only after
+    generating every base image)."""
+    from ace_lightning.export import AdapterError
+
+    foreign = _make_adapter(tiny_v2_model_dir, tmp_path / "foreign.safetensors", "circle", 3)
+    out = tmp_path / "foreign_run"
+    with pytest.raises(AdapterError, match="made for base model"):
+        _run(tiny_suite, tiny_model_dir, out, f"adapter={foreign}", "classes=circle", "templates=1")
+    assert not list(out.rglob("*.png"))

@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model = cfg.model or suite.model
     G.check_generation_settings(out, variants, {"model": model or "ToyWorld", "dtype": cfg.dtype, "sampler": sampler})
     todo = [r for r in rows if not G.image_path(out, r).is_file()]  # resume: existing PNGs are kept
+    _check_up_front(out, model, cfg.dtype, [a for a in variants.values() if a])
 
     def pipe_factory(device):
         from ace_lightning.models.loading import load_components
@@ -156,6 +157,25 @@ def _log_wandb(cfg, out, run, suite, results, primary, grid) -> None:
     if grid is not None:
         logger.log_image("bench/grid", [str(grid)])
     logger.experiment.finish()
+
+
+def _check_up_front(out: Path, model, dtype: str, adapters: list[str]) -> None:
+    """Fail before generating anything: the output folder must be writable and every adapter must have been made
+    for this model (one UNet load; generation would otherwise find out after all base images)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"out {out} is not writable: {e.strerror or e}") from None
+    if adapters:
+        from ace_lightning.export import check_compatible
+        from ace_lightning.models.loading import load_components
+
+        unet = load_components(model, dtype=dtype).unet
+        for a in adapters:
+            check_compatible(unet, a)
 
 
 def cli() -> None:
