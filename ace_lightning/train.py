@@ -91,7 +91,16 @@ def run(cfg) -> dict:
     logger = False
     if cfg.logger.wandb:
         os.environ.setdefault("WANDB_MODE", cfg.logger.mode)
-        logger = L.pytorch.loggers.WandbLogger(project=cfg.logger.project, save_dir=str(run_dir), name=run_dir.name)
+        # a resumed run continues the same wandb run (its id is kept in the run folder)
+        id_file = run_dir / "wandb_id.txt"
+        run_id = id_file.read_text().strip() if ckpt is not None and id_file.is_file() else None
+        if run_id is None:
+            import secrets
+
+            run_id = secrets.token_hex(4)  # wandb run ids: lower-case alphanumerics
+            atomic_write_text(id_file, run_id)
+        logger = L.pytorch.loggers.WandbLogger(project=cfg.logger.project, save_dir=str(run_dir), name=run_dir.name,
+                                               id=run_id, resume="allow")
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     strategy = t.strategy
     if strategy == "auto" and t.devices > 1:  # a concept may be absent from one rank's batch: its gate gets no grad
@@ -121,6 +130,10 @@ def run(cfg) -> dict:
         atomic_write_json(run_dir / "metrics.json", {"metrics": metrics, "closed_form": closed_form.stats,
                                                      "run_dir": str(run_dir), "fingerprint": fingerprint})
         print(f"adapter: {run_dir / 'adapter.safetensors'}")
+    if logger:  # close the wandb run: a later run in this process (a sweep, a resume) must not log into it
+        import wandb
+
+        wandb.finish()
     return metrics
 
 

@@ -75,3 +75,24 @@ def test_bench_cli_errors_are_one_line():
                           text=True, env={**__import__("os").environ, "ACE_DEBUG": ""}, timeout=300)
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error:"), proc.stderr[-500:]
     assert "Traceback" not in proc.stderr
+
+
+def test_truncated_weights_file_is_named(tiny_model_dir, tmp_path):
+    import shutil
+
+    from ace_lightning.models.loading import ModelNotFoundError, load_components
+
+    model = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, model)
+    weights = next((model / "unet").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ModelNotFoundError, match=r"unet/diffusion_pytorch_model.safetensors is incomplete or corrupt"):
+        load_components(str(model))
+
+
+def test_resume_continues_the_same_wandb_run(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run(tiny_cfg(tiny_model_dir, tmp_path, "trainer.max_steps=2", "trainer.checkpoint_every=2", "logger.wandb=true"))
+    run(tiny_cfg(tiny_model_dir, tmp_path, "trainer.max_steps=3", "ckpt_path=last", "logger.wandb=true"))
+    runs = sorted((tmp_path / "dog" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and len({r.name.rsplit("-", 1)[-1] for r in runs}) == 1, runs  # one run id, resumed

@@ -72,6 +72,21 @@ def resolve_model_dir(path: str | os.PathLike | None) -> Path:
     return p
 
 
+def damaged_weight_files(root: Path) -> list[tuple[Path, str]]:
+    """(file, reason) for every ``*.safetensors`` under the model's component folders that cannot be read whole."""
+    from safetensors import safe_open
+
+    bad = []
+    for f in sorted(Path(root).glob("*/*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                for k in h.keys():
+                    h.get_tensor(k)
+        except Exception as e:  # noqa: BLE001 - safetensors raises several types for damaged files
+            bad.append((f, f"{type(e).__name__}: {str(e)[:120]}"))
+    return bad
+
+
 def load_components(path: str | os.PathLike | None = None, dtype: str = "float32", device: str = "cpu") -> Components:
     """Load unet, text_encoder, tokenizer, vae and scheduler (frozen, eval mode) from ``path``."""
     from diffusers import StableDiffusionPipeline
@@ -79,10 +94,16 @@ def load_components(path: str | os.PathLike | None = None, dtype: str = "float32
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; valid: {sorted(DTYPES)}")
     root = resolve_model_dir(path)
-    pipe = StableDiffusionPipeline.from_pretrained(
-        root, torch_dtype=DTYPES[dtype], safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False, local_files_only=True,
-    )
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            root, torch_dtype=DTYPES[dtype], safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False, local_files_only=True,
+        )
+    except (OSError, ValueError, RuntimeError) as e:
+        bad = damaged_weight_files(root)
+        if bad:
+            raise ModelNotFoundError(f"weights file {bad[0][0]} is incomplete or corrupt ({bad[0][1]})") from e
+        raise
     pipe.to(device)
     for m in (pipe.unet, pipe.text_encoder, pipe.vae):
         m.requires_grad_(False)
