@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,21 +31,11 @@ from ace_lightning.models.loading import (
 from ace_lightning.models.sampling import SamplerSettings
 from ace_lightning.registry import ConfigError
 from ace_lightning.systems.erasure import ErasureSystem
-from ace_lightning.utils import atomic_write_json, atomic_write_text, quiet_known_notices
+from ace_lightning.utils import atomic_write_json, atomic_write_text, check_writable, quiet_known_notices
 
 
 class RunExistsError(ConfigError):
     """The run folder already holds a run and neither resume nor overwrite was asked for."""
-
-
-def check_writable(path: Path, what: str) -> None:
-    """Create ``path`` and write a probe file in it, or raise a ConfigError naming the setting."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise ConfigError(f"{what} {path} is not writable: {e.strerror or e}") from None
 
 
 def run(cfg) -> dict:

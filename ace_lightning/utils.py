@@ -38,6 +38,18 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def check_writable(path: str | os.PathLike, what: str) -> None:
+    """Create ``path`` and write a probe file in it, or raise a ConfigError naming the setting ``what``."""
+    from ace_lightning.registry import ConfigError
+
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{what} {path} is not writable: {e.strerror or e}") from None
+
+
 def atomic_save(path: str | os.PathLike, save_fn) -> None:
     """Call ``save_fn(tmp_path)`` then rename onto ``path``."""
     path = Path(path)

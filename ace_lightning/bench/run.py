@@ -162,13 +162,9 @@ def _log_wandb(cfg, out, run, suite, results, primary, grid) -> None:
 def _check_up_front(out: Path, model, dtype: str, adapters: list[str]) -> None:
     """Fail before generating anything: the output folder must be writable and every adapter must have been made
     for this model (one UNet load; generation would otherwise find out after all base images)."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"out {out} is not writable: {e.strerror or e}") from None
+    from ace_lightning.utils import check_writable
+
+    check_writable(out, "out")
     if adapters:
         from ace_lightning.export import check_compatible
         from ace_lightning.models.loading import load_components

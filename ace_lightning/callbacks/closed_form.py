@@ -26,7 +26,7 @@ def initialize_bank(bank: AdapterBank, weights: dict[str, torch.Tensor], concept
     factor = preserve_factor(P, d, cf.lam, cf.s_p)  # shared by every concept and layer
     P_gate = P if P_gate is None else P_gate
     directions = lookup("gate_directions", acfg.gate_directions)(P_gate, acfg.gate_q, acfg.gate_project_out,
-                                                                 hard_rounds=getattr(acfg, "gate_hard_rounds", 0))
+                                                                 hard_rounds=acfg.gate_hard_rounds)
     stacked = EditedWeights.stack(weights)
     P_hat = G.unit_columns(P_gate)  # (d, m'), scored by every concept's gate
     stats = {}

@@ -14,7 +14,6 @@ import contextlib
 import hashlib
 import json
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +30,16 @@ from ace_lightning.data.prompts import (
     mine_neighbours,
     preserve_prompts,
     vocabulary_prompts,
+    words_of,
 )
-from ace_lightning.method.text import encode_prompts, find_span, paired_positions, phrase_ids, token_mask
+from ace_lightning.method.text import (
+    encode_prompts,
+    find_span,
+    last_word_states,
+    paired_positions,
+    phrase_ids,
+    token_mask,
+)
 from ace_lightning.models.sampling import SamplerSettings, generate
 from ace_lightning.registry import ConfigError, build
 
@@ -144,15 +151,13 @@ class ErasureDataModule(L.LightningDataModule):
         tok = c.tokenizer
         # 1. mined neighbours first: they are erased too, so the vocabulary preserve set must not contain them
         general = family(cfg.template_family, [], self.seed).preserve_pool
-        exclude = known_words(self.requests, c.source) | {w for p in general for w in re.findall(r"[a-z]+", p.lower())}
+        exclude = known_words(self.requests, c.source) | words_of(general)
         self.neighbours = [
             mine_neighbours(c.text_encoder, tok, req, cfg.neighbours_k, cfg.neighbours_vocab, exclude, cache,
                             min_z=cfg.neighbours_min_z, model_key=self.fingerprint) for req in self.requests]
         erased = [p for r in self.requests for p in r.phrases] + [w for nb in self.neighbours for w, _ in nb]
-        erased_words = {w for p in erased for w in re.findall(r"[a-z]+", p.lower())}
-        # 2. what the model knows: whole words of its own vocabulary (frequent first), minus the erased ones;
-        #    a held-out slice after them measures the gate's false-fire rate on words it never saw
-        self.vocab = candidate_words(tok, cfg.vocab_preserve, erased_words)
+        # 2. what the model knows: whole words of its own vocabulary (frequent first), minus the erased ones
+        self.vocab = candidate_words(tok, cfg.vocab_preserve, words_of(erased))
         # the gate's false-fire rate is measured on words of it in held-out three-word contexts (removing words
         # from the preserve set instead would un-preserve them: measured to cost 'triangle' on ToyWorld)
         rng = random.Random(f"{self.seed}/heldout-words")
@@ -228,7 +233,6 @@ class ErasureDataModule(L.LightningDataModule):
         contexts (``gate/false_fire/<concept>``: other words it must leave alone), and on the concept's own last
         token after held-out modifiers (``gate/target_fire/<concept>``)."""
         from ace_lightning.method.adapter import slug
-        from ace_lightning.method.text import eos_position
 
         c, words = self.components, self.vocab_heldout
         if not words:
@@ -237,9 +241,7 @@ class ErasureDataModule(L.LightningDataModule):
         out = {}
 
         def last_word_tokens(prompts):
-            h, ids = encode_prompts(c.text_encoder, c.tokenizer, prompts)
-            pos = [eos_position(r, c.tokenizer.eos_token_id) - 1 for r in ids.tolist()]
-            return h[torch.arange(len(prompts)), pos]  # (n, d)
+            return last_word_states(c.text_encoder, c.tokenizer, prompts)  # (n, d)
 
         others = last_word_tokens([f"a {rng.choice(words)} {rng.choice(words)} {w}" for w in words])
         for cd in self.concepts:

@@ -11,8 +11,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from ace_lightning.registry import ConfigError, register
 
 KINDS = ("object", "style", "person", "nsfw")
@@ -141,6 +139,11 @@ def vocabulary_prompts(words: list[str], seed: int) -> list[str]:
     return out + [f"a {rng.choice(words)} {rng.choice(words)} {w}" for w in words[::4]]
 
 
+def words_of(phrases) -> set[str]:
+    """The lower-case ASCII words of ``phrases`` ("Plus sign" -> {"plus", "sign"})."""
+    return {w for p in phrases for w in re.findall(r"[a-z]+", str(p).lower())}
+
+
 def known_words(requests: list[ErasureRequest], source: str | None = None) -> set[str]:
     """Every word of every concept the project knows of, lower-case: the requests' concepts, synonyms,
     neutrals and preserve phrases, every concept preset in ``experiments/concepts/``, and the vocabulary of
@@ -159,7 +162,7 @@ def known_words(requests: list[ErasureRequest], source: str | None = None) -> se
                         *map(str, c.get("preserve", []) or [])]
     for name in names("world_vocabulary"):
         phrases += list(lookup("world_vocabulary", name)(source))
-    return {w for p in phrases for w in re.findall(r"[a-z]+", p.lower())}
+    return words_of(phrases)
 
 
 def candidate_words(tokenizer, vocab_limit: int, banned: set[str]) -> list[str]:
@@ -190,9 +193,9 @@ def mine_neighbours(
     """
     if k <= 0:
         return []
-    from ace_lightning.method.text import encode_prompts, eos_position
+    from ace_lightning.method.text import last_word_states
 
-    banned = {w for p in [*exclude, *req.phrases] for w in re.findall(r"[a-z]+", str(p).lower())}
+    banned = words_of([*exclude, *req.phrases])
     key = hashlib.sha256(json.dumps(
         [req.concept, k, vocab_limit, min_z, sorted(banned), model_key, len(tokenizer)]).encode()).hexdigest()[:16]
     path = cache_dir / f"neighbours_{key}.json" if cache_dir and model_key else None
@@ -201,9 +204,7 @@ def mine_neighbours(
     words = candidate_words(tokenizer, vocab_limit, set())  # all candidates set the random baseline
 
     def emb(texts):
-        h, ids = encode_prompts(text_encoder, tokenizer, texts, batch_size=256)  # (B, T, d)
-        pos = [eos_position(r, tokenizer.eos_token_id) - 1 for r in ids.tolist()]  # last word token
-        e = h[torch.arange(len(texts)), pos]
+        e = last_word_states(text_encoder, tokenizer, texts, batch_size=256)  # (B, d)
         return e / e.norm(dim=-1, keepdim=True).clamp_min(1e-8)
 
     sims = emb(words) @ emb([req.concept])[0]  # (V,)

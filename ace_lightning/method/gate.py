@@ -40,13 +40,17 @@ def unit_columns(X: torch.Tensor) -> torch.Tensor:
     return _unit_cols(X.double())
 
 
+def _inv_sqrt(S: torch.Tensor, eps: float) -> torch.Tensor:
+    """``(S + ε·tr(S)/d·I)^{-1/2}`` (d, d) for a float64 covariance S (d, d)."""
+    d = S.shape[0]
+    lam, E = torch.linalg.eigh(S + eps * float(torch.trace(S)) / d * torch.eye(d, dtype=torch.float64))
+    return (E * lam.rsqrt()) @ E.T
+
+
 def preserve_whitener(P: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
     """``(S_p + ε·tr(S_p)/d·I)^{-1/2}`` (d, d) for unit preserve columns; computed once per run."""
     Ph = _unit_cols(P.double())  # (d, m)
-    d = Ph.shape[0]
-    S = Ph @ Ph.T / Ph.shape[1]  # (d, d)
-    lam, E = torch.linalg.eigh(S + eps * float(torch.trace(S)) / d * torch.eye(d, dtype=torch.float64))
-    return (E * lam.rsqrt()) @ E.T
+    return _inv_sqrt(Ph @ Ph.T / Ph.shape[1], eps)
 
 
 def contrast_directions(C: torch.Tensor, q: int, Wh: torch.Tensor) -> torch.Tensor:
@@ -103,10 +107,7 @@ def hard_negative_whitener(P_hat: torch.Tensor, S_all: torch.Tensor, Q: torch.Te
     s = (Q.T.double() @ P_hat).pow(2).sum(0)  # (m,)
     k = max(16, int(frac * P_hat.shape[1]))
     H = P_hat[:, s.topk(min(k, P_hat.shape[1])).indices]  # (d, k)
-    S = S_all + weight * (H @ H.T) / H.shape[1]
-    d = S.shape[0]
-    lam, E = torch.linalg.eigh(S + eps * float(torch.trace(S)) / d * torch.eye(d, dtype=torch.float64))
-    return (E * lam.rsqrt()) @ E.T
+    return _inv_sqrt(S_all + weight * (H @ H.T) / H.shape[1], eps)
 
 
 # Gate-direction strategies: built once per run from the gate's preserve tokens P (d, m); each returns the
@@ -118,7 +119,7 @@ def contrast_strategy(P: torch.Tensor, q: int, project_out: int, hard_rounds: in
     many times around the concept's hardest preserve tokens (:func:`hard_negative_whitener`)."""
     P_hat = _unit_cols(P.double())  # (d, m)
     S_all = P_hat @ P_hat.T / P_hat.shape[1]  # (d, d), shared by every concept
-    Wh = preserve_whitener(P)
+    Wh = _inv_sqrt(S_all, 1e-3)  # = preserve_whitener(P), without normalising P a second time
 
     def directions(C: torch.Tensor) -> torch.Tensor:
         Q = contrast_directions(C, q, Wh)

@@ -139,3 +139,11 @@ def encode_prompts(text_encoder: nn.Module, tokenizer, prompts: Sequence[str], b
         hs.append(encode_ids(text_encoder, ids).float().cpu())
         all_ids.append(ids)
     return torch.cat(hs), torch.cat(all_ids)
+
+
+@torch.no_grad()
+def last_word_states(text_encoder: nn.Module, tokenizer, prompts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+    """Float32 hidden states (B, d) at each prompt's last word token (the token before its EOS)."""
+    h, ids = encode_prompts(text_encoder, tokenizer, prompts, batch_size=batch_size)  # (B, T, d)
+    pos = [eos_position(r, tokenizer.eos_token_id) - 1 for r in ids.tolist()]
+    return h[torch.arange(len(prompts)), pos]

@@ -30,6 +30,7 @@ def training_noise_scheduler(scheduler):
 
 class ErasureSystem(L.LightningModule):
     GATE_VOCAB_SAMPLE = 256  # vocabulary tokens added to the gate loss's negatives per step
+
     def __init__(self, components, adapter_cfg, loss_cfg, optim_cfg, adv_cfg):
         super().__init__()
         object.__setattr__(self, "components", components)
