@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 from ace_lightning.callbacks.closed_form import ClosedFormInit
 from ace_lightning.callbacks.image_grid import ImageGrid
+from ace_lightning.callbacks.progress import ErasureProgressBar
 from ace_lightning.config import load_config
 from ace_lightning.data.datamodule import ErasureDataModule
 from ace_lightning.data.prompts import ErasureRequest
@@ -31,7 +32,14 @@ from ace_lightning.models.loading import (
 from ace_lightning.models.sampling import SamplerSettings
 from ace_lightning.registry import ConfigError
 from ace_lightning.systems.erasure import ErasureSystem
-from ace_lightning.utils import atomic_write_json, atomic_write_text, check_writable, quiet_known_notices
+from ace_lightning.utils import (
+    atomic_write_json,
+    atomic_write_text,
+    check_writable,
+    open_wandb_run,
+    quiet_known_notices,
+    say,
+)
 
 
 class RunExistsError(ConfigError):
@@ -61,8 +69,9 @@ def run(cfg) -> dict:
     resolve_model_dir(cfg.model.path)  # a missing model fails here, before anything is loaded
 
     torch.set_num_threads(t.threads or max(1, (os.cpu_count() or 1) // max(1, t.devices)))
-    L.seed_everything(cfg.seed, workers=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
 
+    say(f"erasing {', '.join(r.concept for r in requests)} from {cfg.model.path or 'ToyWorld'} -> {run_dir}")
     comps = load_components(cfg.model.path, cfg.model.dtype, cfg.model.device)
     fingerprint = model_fingerprint(comps.unet, cfg.adapter.targets)
     sampler = SamplerSettings(**OmegaConf.to_container(cfg.sampler))
@@ -75,6 +84,8 @@ def run(cfg) -> dict:
         L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                                             every_n_train_steps=cfg.trainer.checkpoint_every),
     ]
+    if t.enable_progress_bar:
+        callbacks.append(ErasureProgressBar("+".join(r.concept for r in requests)))
     if cfg.grid.enabled:
         callbacks.append(ImageGrid(run_dir / "grid.png", sampler, cfg.grid.seeds, cfg.grid.preserve_prompts))
     logger = False
@@ -88,9 +99,10 @@ def run(cfg) -> dict:
 
             run_id = secrets.token_hex(4)  # wandb run ids: lower-case alphanumerics
             atomic_write_text(id_file, run_id)
+        experiment = open_wandb_run(cfg.logger.project, run_dir.name, run_dir, run_id,
+                                    OmegaConf.to_container(cfg, resolve=True))
         logger = L.pytorch.loggers.WandbLogger(project=cfg.logger.project, save_dir=str(run_dir), name=run_dir.name,
-                                               id=run_id, resume="allow")
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+                                               id=run_id, experiment=experiment)
     strategy = t.strategy
     if strategy == "auto" and t.devices > 1:  # a concept may be absent from one rank's batch: its gate gets no grad
         strategy = "ddp_find_unused_parameters_true"
@@ -118,7 +130,10 @@ def run(cfg) -> dict:
     if trainer.global_rank == 0:
         atomic_write_json(run_dir / "metrics.json", {"metrics": metrics, "closed_form": closed_form.stats,
                                                      "run_dir": str(run_dir), "fingerprint": fingerprint})
-        print(f"adapter: {run_dir / 'adapter.safetensors'}")
+        say(f"trained {trainer.global_step} steps in {metrics['run/seconds']:.0f} s; outputs in {run_dir}:")
+        outputs = ["adapter.safetensors", "metrics.json", "config.yaml", "prompts.json", "grid.png"]
+        say("  " + "  ".join(f for f in outputs if (run_dir / f).is_file()))
+        say(f"adapter: {run_dir / 'adapter.safetensors'}")
     if logger:  # close the wandb run: a later run in this process (a sweep, a resume) must not log into it
         import wandb
 

@@ -78,12 +78,57 @@ class _DropNotices:
 
 def quiet_known_notices() -> None:
     """Silence, deliberately and only these, the notices a normal run printed that ask nothing of the user:
-    diffusers' "install accelerate for low cpu memory usage" (loading works the same without it) and
-    Lightning's advertising tip for its cloud logger."""
+    diffusers' "install accelerate for low cpu memory usage" (loading works the same without it), its
+    ``torch_dtype`` rename notice (the old name is the one every supported diffusers accepts), the per-component
+    loading bars of diffusers and transformers, Lightning's advertising tip for its cloud logger, its "no TPU"
+    line and its own deprecation notice from ``_pytree``."""
     import logging
+    import warnings
 
     for name, needles in (("diffusers.models.modeling_utils", ("low cpu memory usage",)),
-                          ("lightning.pytorch.utilities.rank_zero", ("💡 Tip", "litlogger"))):
+                          ("diffusers.pipelines.pipeline_utils", ("low cpu memory usage",)),
+                          ("lightning.pytorch.utilities.rank_zero", ("💡 Tip", "litlogger", "TPU available: False",
+                                                                      "GPU available: False", "Seed set to"))):
         log = logging.getLogger(name)
         if not any(isinstance(f, _DropNotices) for f in log.filters):  # idempotent
             log.addFilter(_DropNotices(*needles))
+    warnings.filterwarnings("ignore", message=r".*`torch_dtype` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+
+
+def is_main_process() -> bool:
+    """True except in the extra processes of a multi-process (DDP) run, before and after Lightning starts them."""
+    return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
+def say(msg: str) -> None:
+    """One line of progress for the user, printed once (by the main process)."""
+    if is_main_process():
+        print(msg, flush=True)
+
+
+def open_wandb_run(project: str, name: str, save_dir: str | os.PathLike, run_id: str | None = None,
+                   config: dict | None = None, stepped: bool = True):
+    """Start (or resume, by ``run_id``) a wandb run quietly; ``stepped``: charted against ``trainer/global_step``
+    as Lightning's WandbLogger would (hand the run to ``WandbLogger(experiment=...)``). One line says where the
+    run is. Only in the main process; None elsewhere."""
+    if not is_main_process():
+        return None
+    import wandb
+
+    run = wandb.init(project=project, name=name, dir=str(save_dir), id=run_id, resume="allow", config=config,
+                     settings=wandb.Settings(silent=True, console="off"))
+    if run.offline:
+        where = Path(run.dir).parent
+        say(f"wandb: offline run {run.id} in {where} (upload: wandb sync {where})")
+    else:
+        say(f"wandb: {run.url}")
+    if stepped:
+        run.define_metric("trainer/global_step")
+        run.define_metric("*", step_metric="trainer/global_step", step_sync=True)
+    return run

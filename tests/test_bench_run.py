@@ -99,6 +99,16 @@ def test_resumed_run_regenerates_nothing(one_process_run, tiny_suite, tiny_model
     assert m["generation"]["generated"] == 1 and m["results"] == first
 
 
+def test_results_logged_to_an_offline_wandb_run(one_process_run, tiny_suite, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    main([f"suite={tiny_suite}", f"model={tiny_model_dir}", f"out={one_process_run}", "logger=wandb", "threads=1"])
+    runs = list((one_process_run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, runs
+    record = next(runs[0].glob("run-*.wandb")).read_bytes()  # the run's records, synced later by `wandb sync`
+    assert b"bench/Acc_e" in record and b"bench/cs/n_images" in record
+    assert list(runs[0].glob("files/media/images/bench/grid*.png"))
+
+
 def test_ddp_two_processes_equal_one(one_process_run, tiny_suite, tiny_model_dir, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "ace_lightning.bench.run", f"suite={tiny_suite}", f"model={tiny_model_dir}",
@@ -114,6 +124,23 @@ def test_ddp_two_processes_equal_one(one_process_run, tiny_suite, tiny_model_dir
     ranks = ddp["generation"]["ranks"]
     assert len(ranks) == 2 and sum(r["images"] for r in ranks) == 12
     assert (out / "rows.rank0.jsonl").is_file() and (out / "rows.rank1.jsonl").is_file()
+
+
+def test_ddp_with_fewer_batches_than_ranks(tiny_suite, tiny_model_dir, tmp_path):
+    """One batch, two processes: the rank without work waits for the other instead of crashing."""
+    sel = ["classes=star", "templates=1"]  # 1 class x 1 template x 2 seeds = 2 rows = one batch of 3
+    single = tmp_path / "single"
+    _run(tiny_suite, tiny_model_dir, single, *sel)
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "ace_lightning.bench.run", f"suite={tiny_suite}", f"model={tiny_model_dir}",
+           f"out={out}", "logger=none", "devices=2", "accelerator=cpu", "threads=1", *sel]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONWARNINGS="ignore"),
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp = json.loads((out / "metrics.json").read_text())
+    assert sorted(r["images"] for r in ddp["generation"]["ranks"]) == [0, 2]
+    assert _pngs(out) == _pngs(single) and len(_pngs(out)) == 2
+    assert ddp["results"] == json.loads((single / "metrics.json").read_text())["results"]
 
 
 def _make_adapter(model_dir, path, concept, seed):

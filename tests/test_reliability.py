@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from test_training import tiny_cfg
+from test_training import tiny_args, tiny_cfg
 
 from ace_lightning.train import RunExistsError, run
 
@@ -96,3 +96,26 @@ def test_resume_continues_the_same_wandb_run(tiny_model_dir, tmp_path, monkeypat
     run(tiny_cfg(tiny_model_dir, tmp_path, "trainer.max_steps=3", "ckpt_path=last", "logger.wandb=true"))
     runs = sorted((tmp_path / "dog" / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and len({r.name.rsplit("-", 1)[-1] for r in runs}) == 1, runs  # one run id, resumed
+
+
+def test_console_shows_progress_and_nothing_else(tiny_model_dir, tmp_path):
+    """A normal run prints what is loaded, the closed form and its time, one progress bar and where the outputs
+    went; none of the notices that ask nothing of the user (each was printed before this was fixed)."""
+    import os
+    import subprocess
+    import sys
+
+    args = tiny_args(tiny_model_dir, tmp_path, "trainer.max_steps=3", "logger.wandb=true",
+                     "trainer.enable_progress_bar=true")
+    env = dict(os.environ, WANDB_MODE="offline")
+    env.pop("PYTHONWARNINGS", None)
+    proc = subprocess.run([sys.executable, "-m", "ace_lightning.train", *args], capture_output=True, text=True,
+                          timeout=600, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    console = proc.stdout + proc.stderr
+    for expected in ("erasing dog from", "closed form: 1 concept(s)", "erasing dog: 100%", "3/3",
+                     "wandb: offline run", f"adapter: {tmp_path / 'dog' / 'adapter.safetensors'}"):
+        assert expected in console, (expected, console[-3000:])
+    for noise in ("Epoch 0/-2", "anonymous", "accelerate", "Tip", "LeafSpec", "torch_dtype", "Seed set",
+                  "v_num", "TPU available", "Run history", "Warning", "warn"):
+        assert noise not in console, (noise, console[-3000:])

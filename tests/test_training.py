@@ -17,16 +17,21 @@ CACHE = {}
 
 
 def tiny_cfg(model_dir, out, *extra):
+    return load_config(tiny_args(model_dir, out, *extra))
+
+
+def tiny_args(model_dir, out, *extra) -> list[str]:
+    """Command-line overrides of a quick run on the tiny model."""
     # one latent/neighbour cache for the session: it is keyed by model fingerprint, prompt, seed and sampler
     import tempfile
 
     cache = CACHE.setdefault("dir", tempfile.mkdtemp(prefix="ace_cache_"))
-    return load_config([
+    return [
         DOG, f"model.path={model_dir}", f"output_dir={out}", "logger.wandb=false", "grid.enabled=false",
         "trainer.enable_progress_bar=false", "data.latents_per_concept=4", "data.latents_preserve=4",
         "data.prompts_per_concept=8", "data.preserve_prompts=8", "data.neighbours_vocab=300", "data.vocab_preserve=300", "data.vocab_heldout=20", "sampler.steps=3",
         f"data.cache_dir={cache}", "adv.warmup=4", "adv.every=4", "adv.steps=2", *extra,
-    ])
+    ]
 
 
 class LossLog(L.Callback):

@@ -72,10 +72,12 @@ def make_batches(rows: list[PromptRow], batch_size: int) -> list[list[PromptRow]
 
 
 class RowBatches(Dataset):
-    """Pre-built batches of rows, this rank's share: batches[rank::world_size]."""
+    """Pre-built batches of rows, this rank's share: batches[rank::world_size]. A rank left without work (fewer
+    batches than ranks) gets one empty batch: Lightning refuses a zero-length loader, and the rank must still
+    reach the collective calls (barrier, metric all-reduce) that the others wait in."""
 
     def __init__(self, batches: list[list[PromptRow]], rank: int = 0, world_size: int = 1) -> None:
-        self.batches = batches[rank::world_size]
+        self.batches = batches[rank::world_size] or [[]]
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -142,6 +144,8 @@ class GenerationSystem(L.LightningModule):
     def predict_step(self, batch: list[PromptRow], batch_idx: int) -> dict:
         from ace_lightning.models.sampling import generate
 
+        if not batch:  # the empty batch of a rank without work
+            return {"rows": [], "images": [], "seconds": 0.0}
         self._use_variant(batch[0].variant)
         t0 = time.perf_counter()
         images = generate(
@@ -195,6 +199,8 @@ class ScoringSystem(L.LightningModule):
         return row_loader(self.batches, self.trainer)
 
     def test_step(self, batch: list[PromptRow], batch_idx: int) -> None:
+        if not batch:  # the empty batch of a rank without work
+            return
         images = torch.stack([load_png(image_path(self.out_dir, r)) for r in batch]).to(self.device)
         prompts = [r.prompt for r in batch]
         target = torch.tensor([r.target for r in batch], device=self.device)

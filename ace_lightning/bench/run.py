@@ -33,7 +33,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from ace_lightning.bench import generation as G
     from ace_lightning.bench import report
     from ace_lightning.bench.suites import Selection, load_suite
+    from ace_lightning.utils import quiet_known_notices
 
+    quiet_known_notices()
     cfg = parse_args(sys.argv[1:] if argv is None else argv)
     # our writer never needs Lightning's batch indices (rows carry their own identity)
     warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
@@ -145,18 +147,22 @@ def _log_wandb(cfg, out, run, suite, results, primary, grid) -> None:
         return
     if cfg.logger != "wandb":
         raise ConfigError(f"logger must be wandb or none, got {cfg.logger!r}")
-    from lightning.pytorch.loggers import WandbLogger
+    import wandb
 
-    offline = os.environ.get("WANDB_MODE", "offline") != "online"
-    logger = WandbLogger(project="ace_lightning-bench", name=f"{suite}-{run}", save_dir=str(out), offline=offline)
+    from ace_lightning.utils import open_wandb_run
+
+    os.environ.setdefault("WANDB_MODE", "offline")
+    wrun = open_wandb_run("ace_lightning-bench", f"{suite}-{run}", out, stepped=False)
+    if wrun is None:
+        return
     flat = dict(results[primary])  # the primary variant under bench/<name>; others under bench_<variant>/<name>
     for v, r in results.items():
         if v != primary:
             flat |= {k.replace("bench/", f"bench_{v}/", 1): x for k, x in r.items()}
-    logger.log_metrics(flat)
     if grid is not None:
-        logger.log_image("bench/grid", [str(grid)])
-    logger.experiment.finish()
+        flat["bench/grid"] = wandb.Image(str(grid))
+    wrun.log(flat)
+    wrun.finish()
 
 
 def _check_up_front(out: Path, model, dtype: str, adapters: list[str]) -> None:

@@ -84,5 +84,10 @@ class ClosedFormInit(L.Callback):
 
         weights = base_weights(pl_module.unet, self.acfg.targets)
         self.stats = initialize_bank(pl_module.bank, weights, dm.concepts, dm.P, self.cf, self.acfg, dm.P_gate)
+        from ace_lightning.utils import say
+
+        what = "closed form" if self.cf.enabled else "LoRA-style init (closed form off)"
+        say(f"{what}: {len(dm.concepts)} concept(s), {len(weights)} layers, {dm.P.shape[1]} preserve tokens, "
+            f"{self.stats['_seconds']:.1f} s")
         pl_module.bank.to(pl_module.device)
         pl_module.init_stats = self.stats

@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,7 @@ from ace_lightning.method.text import (
 )
 from ace_lightning.models.sampling import SamplerSettings, generate
 from ace_lightning.registry import ConfigError, build
+from ace_lightning.utils import say
 
 
 @dataclass
@@ -95,6 +97,7 @@ class LatentCache:
         paths = [self.path(p, s) for p, s in zip(prompts, seeds)]
         todo = [i for i, p in enumerate(paths) if not p.exists()]
         if todo:
+            say(f"generating {len(todo)} frozen-model latents (cached in {self.root})")
             lat = generate(pipe, [prompts[i] for i in todo], [seeds[i] for i in todo], self.settings.steps,
                            self.settings.guidance, output_type="latent", batch_size=batch_size, eta=self.settings.eta)
             for i, x in zip(todo, lat):
@@ -170,6 +173,7 @@ class ErasureDataModule(L.LightningDataModule):
         nonpad = token_mask(ids, tok.eos_token_id)  # (m, T)
         # vocabulary words in neutral and modifier contexts, encoded by the model's own text encoder: token-level
         # preserve equations for the closed form and negatives for the gate (no latents needed)
+        t0 = time.perf_counter()
         if self.vocab:
             v_emb, v_ids = encode_prompts(c.text_encoder, tok, vocabulary_prompts(self.vocab, self.seed))  # (n, T, d)
             v_nonpad = token_mask(v_ids, tok.eos_token_id)  # (n, T)
@@ -189,6 +193,8 @@ class ErasureDataModule(L.LightningDataModule):
             raise ConfigError(f"data.gate_preserve_tokens must be one of {sorted(masks)}, got {cfg.gate_preserve_tokens!r}")
         self.preserve_mask = masks[cfg.gate_preserve_tokens]
         self.P_gate = torch.cat([self.preserve_emb[self.preserve_mask].T, self.P_vocab_gate], 1).contiguous()  # (d, tok.)
+        say(f"preservation: {len(self.vocab)} vocabulary words and {len(self.preserve_prompts)} preserve prompts "
+            f"encoded, {self.P.shape[1]} tokens ({time.perf_counter() - t0:.1f} s)")
 
         latents = LatentCache(cache, self.fingerprint, self.sampler)
         pipe = c.pipeline()

@@ -14,16 +14,15 @@ CONFIG_FILE = f"{CLIP_MODEL_NAME}.json"  # open_clip names a registered config b
 def load_toy_clip(device: str = "cpu", path: str | Path | None = None):
     """(model, preprocess, tokenizer) of the shipped toy CLIP; model in eval mode, float32."""
     import open_clip
-    from safetensors.torch import load_file
 
     from . import CLIP_DIR, require_files
 
     path = Path(path) if path is not None else CLIP_DIR
     require_files(path, (CONFIG_FILE, WEIGHTS_FILE), "ToyWorld CLIP")
     name = register_toy_clip(path / CONFIG_FILE)
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, device="cpu")
-    state = {k: v.float() for k, v in load_file(str(path / WEIGHTS_FILE)).items()}
-    model.load_state_dict(state)
+    # open_clip loads the file itself (strictly), so it does not warn "no pretrained weights loaded"
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=str(path / WEIGHTS_FILE), device="cpu")
+    model.float()
     return model.to(device).eval(), preprocess, open_clip.get_tokenizer(name)
 
 
