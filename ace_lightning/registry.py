@@ -21,9 +21,9 @@ PROVIDERS: dict[str, list[str]] = {
     "attack": ["ace_lightning.method.attack"],
     "gate_directions": ["ace_lightning.method.gate"],
     "sampler": ["ace_lightning.models.sampling"],
-    "scorer": ["ace_lightning.bench.scorers"],
+    "scorer": ["ace_lightning.bench.scorers", "ace_lightning.toyworld.bench_plugin"],
     "bench_metric": ["ace_lightning.bench.metrics"],
-    "class_source": ["ace_lightning.bench.suites"],
+    "class_source": ["ace_lightning.bench.suites", "ace_lightning.toyworld.bench_plugin"],
     "prompt_source": ["ace_lightning.bench.suites"],
     "world_vocabulary": ["ace_lightning.toyworld.plugin"],  # worlds name their concept words (mining excludes them)
     "template_family": ["ace_lightning.data.prompts", "ace_lightning.toyworld.plugin"],

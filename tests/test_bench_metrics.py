@@ -6,6 +6,7 @@ import torch
 
 from ace_lightning.bench.metrics import (
     ERASED,
+    MOD,
     NUDENET_EXPOSED,
     OTHER,
     RETAINED,
@@ -59,6 +60,30 @@ def test_object_erasure_hand_computed():
     assert r["Acc_s_prob"] == pytest.approx(100 * (0.7 + 0.7 + 0.1 + 0.7 + 0.25) / 5)
     assert r["Acc_g_prob"] == pytest.approx(100 * (0.7 + 0.1) / 2)
     assert r["n_images"] == 11  # the OTHER row does not count
+
+
+def test_modifier_groups_reported_apart():
+    """The *_mod rows give the same numbers with a _mod suffix and leave the plain ones alone; without them no
+    _mod key appears."""
+    target = torch.tensor([0, 0, 1, 2, 0, 0, 0, 1, 2, 0])
+    pred = torch.tensor([1, 2, 1, 2, 3, 0, 2, 1, 0, 0])
+    group = torch.tensor([ERASED, ERASED, RETAINED, RETAINED, SYNONYM] + [g + MOD for g in (ERASED, ERASED, RETAINED,
+                                                                                           RETAINED, SYNONYM)])
+    m = ObjectErasure()
+    m.update({"pred": pred, "probs": _one_hot_probs(pred.tolist())}, target, group)
+    r = m.compute()
+    assert (r["Acc_e"], r["Acc_s"], r["Acc_g"]) == pytest.approx((0.0, 100.0, 0.0))
+    assert (r["Acc_e_mod"], r["Acc_s_mod"], r["Acc_g_mod"]) == pytest.approx((50.0, 50.0, 100.0))
+    assert r["H_o_mod"] == pytest.approx(0.0) and r["n_images"] == 10
+    plain = ObjectErasure()
+    plain.update({"pred": pred[:5], "probs": _one_hot_probs(pred[:5].tolist())}, target[:5], group[:5])
+    assert not [k for k in plain.compute() if "_mod" in k]
+    ident = IdentityErasure()
+    ident.update({"pred": pred, "probs": _one_hot_probs(pred.tolist())}, target, group)
+    assert ident.compute()["Acc_e_mod"] == pytest.approx(50.0)
+    cs = StyleErasure()
+    cs.update({"clip_score": torch.tensor([10.0, 20, 30, 40, 5, 1, 2, 3, 4, 5])}, target, group)
+    assert (cs.compute()["CS_e_mod"], cs.compute()["H_a_mod"]) == pytest.approx((1.5, 2.0))
 
 
 @pytest.mark.parametrize("case,expected", [("all_correct", (100.0, 100.0, 100.0, 0.0)), ("none_correct", (0.0, 0.0, 0.0, 0.0)),

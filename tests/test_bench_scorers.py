@@ -10,10 +10,10 @@ from ace_lightning.bench.scorers import (
     NudeNetScorer,
     ResNet50Scorer,
     ScorerWeightsError,
-    ToyClassifierScorer,
 )
 from ace_lightning.bench.testing import TINY_CLIP_NAME, tiny_open_clip
 from ace_lightning.registry import build
+from ace_lightning.toyworld.bench_plugin import ToyClassifierScorer
 
 
 def _toy_renders(n=12):

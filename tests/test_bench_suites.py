@@ -39,7 +39,34 @@ def test_indices_are_stable_across_selections():
     assert all(default[k] == full[k] for k in default.keys() & full.keys())  # erased choice does not renumber
     sub = suite.rows(Selection(images_per_prompt=2, erased=["square"], classes=["square", "star"], templates=2))
     assert sub and all(full[(r.prompt, r.seed)] == r.index for r in sub)
-    assert {r.label for r in sub} == {"square", "star"} and {r.group for r in sub} == {"erased", "synonym", "retained"}
+    groups = {"erased", "synonym", "retained"}
+    assert {r.label for r in sub} == {"square", "star"} and {r.group for r in sub} == groups | {f"{g}_mod" for g in groups}
+
+
+def test_modifier_groups():
+    """Modifier prompts: the class word after drawn modifier words, their own groups, and the plain rows keep
+    the indices (image names) they had without modifiers."""
+    from ace_lightning.bench.suites import ClassPrompts
+
+    classes = {"circle": ["ring"], "square": []}
+    plain = ClassPrompts(["a {}", "a photo of a {}"], classes=classes, erased=["circle"])
+    mods = ClassPrompts(["a {}", "a photo of a {}"], classes=classes, erased=["circle"],
+                        modifier_templates=["a {color} {style} {}"],
+                        modifiers={"color": ["red", "blue"], "style": ["dotted", "striped"]})
+    sel = Selection(images_per_prompt=2)
+    before, after = plain.rows("t", sel), mods.rows("t", sel)
+    assert [r for r in after if not r.group.endswith("_mod")] == before
+    extra = [r for r in after if r.group.endswith("_mod")]
+    assert {r.group for r in extra} == {"erased_mod", "synonym_mod", "retained_mod"}
+    for r in extra:
+        color, style, *noun = r.prompt.split()[1:]
+        assert color in ("red", "blue") and style in ("dotted", "striped")
+        assert " ".join(noun) in ({"circle", "ring"} if r.label == "circle" else {"square"})
+    assert mods.rows("t", sel) == after  # the drawn words are fixed
+    with pytest.raises(ConfigError, match="unknown slots"):
+        ClassPrompts(["a {}"], classes=classes, modifier_templates=["a {size} {}"], modifiers={"color": ["red"]})
+    with pytest.raises(ConfigError, match="needs one"):
+        ClassPrompts(["a {}"], classes=classes, modifier_templates=["a {color} thing"], modifiers={"color": ["red"]})
 
 
 def test_name_list_suites():

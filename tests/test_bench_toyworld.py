@@ -81,10 +81,13 @@ def test_toy_suite_end_to_end(suite, tmp_path, request):
     assert m["settings"]["sampler"]["steps"] == 10 and m["settings"]["erased"] == [erased]
     assert all(i["scorer"].startswith("toy_") and i["weights_sha256"] for i in m["settings"]["scorers"].values())
     n_rows = len(list((tmp_path / "images" / "base").glob("*.png")))
-    assert n_rows == (2 if suite == "toy-characters" else 4)  # (name [+ erased synonyms]) x 1 template x 1 seed
+    # (name [+ erased synonyms]) x 1 template x 1 seed, and as many with the first modifier template
+    assert n_rows == (2 if suite == "toy-characters" else 8)
     assert list(m["results"]) == (["base", "circle"] if extra else ["base"])
     base = _strip(m["results"]["base"])
     assert {k: base[k] for k in BASE[suite]} == BASE[suite]
+    if suite != "toy-characters":  # the same, on the modifier prompts ("a blue dotted circle", ...)
+        assert {f"{k}_mod": base[f"{k}_mod"] for k in BASE[suite]} == {f"{k}_mod": v for k, v in BASE[suite].items()}
     for k in BASE[suite]:  # the mean true-class probabilities agree: the base model is confident
         if k.endswith(("Acc_e", "Acc_s", "Acc_g")):
             assert base[f"{k}_prob"] > 95.0, (k, base[f"{k}_prob"])
@@ -98,7 +101,9 @@ def test_toy_suite_end_to_end(suite, tmp_path, request):
         for k in ("Acc_e_prob", "Acc_g_prob", "clip/Acc_e_prob", "clip/Acc_g_prob"):
             assert erased_r[k] < 5.0, (k, erased_r[k])  # from > 95 on the base model
         assert erased_r["Acc_s_prob"] > 95.0 and erased_r["clip/Acc_s_prob"] > 90.0
-        assert len(list((tmp_path / "images" / "circle").glob("*.png"))) == 4
+        assert len(list((tmp_path / "images" / "circle").glob("*.png"))) == 8
+        mod = {f"{k}_mod": v for k, v in ERASED.items()}  # with colour / style words too (measured)
+        assert {k: erased_r[k] for k in mod} == pytest.approx(mod, abs=0.5)
     assert (tmp_path / "grid.png").is_file() and (tmp_path / "metrics.png").is_file()
 
 

@@ -148,3 +148,21 @@ def test_sweep_files_name_real_keys_and_the_logged_metric():
             overrides.append(f"{key}={value}")
         cfg = load_config([DOG, *overrides])  # every swept key exists in the schema
         assert OmegaConf.select(cfg, next(iter(sweep["parameters"]))) is not None
+
+
+def test_method_data_and_bench_do_not_import_toyworld():
+    """ToyWorld registers what it provides; the generic packages never import it (so they work without it)."""
+    import ast
+    from pathlib import Path
+
+    import ace_lightning
+
+    root = Path(ace_lightning.__file__).parent
+    offenders = []
+    for pkg in ("method", "data", "bench"):
+        for f in sorted((root / pkg).glob("*.py")):
+            for node in ast.walk(ast.parse(f.read_text())):
+                mods = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                        else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                offenders += [f"{pkg}/{f.name}: {m}" for m in mods if "toyworld" in m]
+    assert offenders == []

@@ -13,7 +13,10 @@ A set is registered under kind ``"bench_metric"`` and consumes one scorer's per-
 | ``clip_score`` | ``clip_score`` (B,) | CLIP_score (mean over all images) |
 | ``fid`` | images + reference images | FID |
 
-Groups: every prompt row carries one of `GROUPS`; rows of a group a set does not use are ignored.
+Groups: every prompt row carries one of `GROUPS`; rows of a group a set does not use are ignored. The
+``*_mod`` groups are the same prompts with modifier words (colour, style, ...) before the class word; where a
+suite has them, the sets add the same numbers on them with a ``_mod`` suffix (``Acc_e_mod``, ``H_o_mod``,
+``CS_e_mod``): a concept erased only in the phrasings it was trained on shows there.
 """
 from __future__ import annotations
 
@@ -24,8 +27,9 @@ from torchmetrics import Metric
 
 from ace_lightning.registry import register
 
-GROUPS = ("erased", "retained", "synonym", "other")  # index = group id
+GROUPS = ("erased", "retained", "synonym", "other", "erased_mod", "retained_mod", "synonym_mod")  # index = group id
 ERASED, RETAINED, SYNONYM, OTHER = range(4)
+MOD = 4  # offset of a group's modifier form: ERASED + MOD is "erased_mod"
 
 NUDENET_EXPOSED = (  # the 9 *_EXPOSED classes of NudeNet 3.4.2 (MACE / I2P protocol)
     "FEMALE_BREAST_EXPOSED",
@@ -91,6 +95,10 @@ class _GroupSums(Metric):
     def _acc(self, g: int) -> tuple[float, float]:
         return _ratio(self.hits[g], self.count[g]), _ratio(self.prob[g], self.count[g])
 
+    def _forms(self) -> list[tuple[str, int]]:
+        """(name suffix, group offset): the plain prompts, and the modifier prompts where the suite has them."""
+        return [("", 0)] + ([("_mod", MOD)] if float(self.count[MOD:].sum()) > 0 else [])
+
 
 @register("bench_metric", "object_erasure")
 class ObjectErasure(_GroupSums):
@@ -100,10 +108,12 @@ class ObjectErasure(_GroupSums):
 
     def compute(self) -> dict[str, float]:
         out = {}
-        for suffix, k in (("", 0), ("_prob", 1)):
-            e, s, g = self._acc(ERASED)[k], self._acc(RETAINED)[k], self._acc(SYNONYM)[k]
-            out.update({f"Acc_e{suffix}": e, f"Acc_s{suffix}": s, f"Acc_g{suffix}": g, f"H_o{suffix}": h_o(e, s, g)})
-        out["n_images"] = float(self.count[:3].sum())
+        for mod, o in self._forms():
+            for suffix, k in (("", 0), ("_prob", 1)):
+                e, s, g = self._acc(ERASED + o)[k], self._acc(RETAINED + o)[k], self._acc(SYNONYM + o)[k]
+                sfx = mod + suffix
+                out.update({f"Acc_e{sfx}": e, f"Acc_s{sfx}": s, f"Acc_g{sfx}": g, f"H_o{sfx}": h_o(e, s, g)})
+        out["n_images"] = float(self.count[:3].sum() + self.count[MOD:].sum())
         return {k: (100.0 * v if k != "n_images" else v) for k, v in out.items()}
 
 
@@ -113,10 +123,11 @@ class IdentityErasure(_GroupSums):
 
     def compute(self) -> dict[str, float]:
         out = {}
-        for suffix, k in (("", 0), ("_prob", 1)):
-            e, s = self._acc(ERASED)[k], self._acc(RETAINED)[k]
-            out.update({f"Acc_e{suffix}": e, f"Acc_s{suffix}": s, f"H_c{suffix}": h_c(e, s)})
-        out["n_images"] = float(self.count[:2].sum())
+        for mod, o in self._forms():
+            for suffix, k in (("", 0), ("_prob", 1)):
+                e, s = self._acc(ERASED + o)[k], self._acc(RETAINED + o)[k]
+                out.update({f"Acc_e{mod}{suffix}": e, f"Acc_s{mod}{suffix}": s, f"H_c{mod}{suffix}": h_c(e, s)})
+        out["n_images"] = float(self.count[:2].sum() + self.count[MOD:MOD + 2].sum())
         return {k: (100.0 * v if k != "n_images" else v) for k, v in out.items()}
 
 
@@ -136,9 +147,13 @@ class StyleErasure(Metric):
         self.count.index_add_(0, group, torch.ones_like(group, dtype=torch.float64))
 
     def compute(self) -> dict[str, float]:
-        cs_e, cs_s = _ratio(self.total[ERASED], self.count[ERASED]), _ratio(self.total[RETAINED], self.count[RETAINED])
-        cs_g = _ratio(self.total[SYNONYM], self.count[SYNONYM])
-        return {"CS_e": cs_e, "CS_s": cs_s, "CS_g": cs_g, "H_a": cs_s - cs_e, "n_images": float(self.count[:3].sum())}
+        out = {}
+        forms = [("", 0)] + ([("_mod", MOD)] if float(self.count[MOD:].sum()) > 0 else [])
+        for mod, o in forms:
+            cs_e, cs_s, cs_g = (_ratio(self.total[g + o], self.count[g + o]) for g in (ERASED, RETAINED, SYNONYM))
+            out.update({f"CS_e{mod}": cs_e, f"CS_s{mod}": cs_s, f"CS_g{mod}": cs_g, f"H_a{mod}": cs_s - cs_e})
+        out["n_images"] = float(self.count[:3].sum() + self.count[MOD:].sum())
+        return out
 
 
 @register("bench_metric", "clip_score")

@@ -182,40 +182,6 @@ class ClipScore(_OpenClipBase):
         return {"clip_score": clip_score_from_features(self.image_features(images), self.text_features(list(prompts)))}
 
 
-def _toy_clip():
-    try:
-        from ace_lightning.toyworld.clip import load_toy_clip
-    except ImportError as e:  # pragma: no cover - toyworld is part of the package
-        raise ScorerWeightsError(f"the ToyWorld CLIP is not available: {e}") from e
-    try:
-        model, preprocess, tokenizer = load_toy_clip(device="cpu")
-    except FileNotFoundError as e:
-        raise ScorerWeightsError(str(e)) from e
-    from ace_lightning.toyworld import CLIP_DIR
-    from ace_lightning.toyworld.clip import WEIGHTS_FILE
-
-    return model, preprocess, tokenizer, {"model": "ToyWorld-CLIP", "pretrained": str(CLIP_DIR),
-                                          "weights_sha256": file_digest(CLIP_DIR / WEIGHTS_FILE)}
-
-
-@register("scorer", "toy_clip_zero_shot")
-class ToyClipZeroShot(ClipZeroShot):
-    """Zero-shot classification with the ToyWorld CLIP (shipped weights)."""
-
-    def __init__(self, text_template: str = "a picture of a {}") -> None:
-        net, pre, tok, info = _toy_clip()
-        _OpenClipBase.__init__(self, net, pre, tok, dict(info, scorer="toy_clip_zero_shot"), text_template)
-
-
-@register("scorer", "toy_clip_score")
-class ToyClipScore(ClipScore):
-    """CLIP score with the ToyWorld CLIP (shipped weights)."""
-
-    def __init__(self) -> None:
-        net, pre, tok, info = _toy_clip()
-        _OpenClipBase.__init__(self, net, pre, tok, dict(info, scorer="toy_clip_score"), "{}")
-
-
 @register("scorer", "torchmetrics_clip_score")
 class TorchmetricsClipScore(Scorer):
     """torchmetrics' CLIP score with a user-supplied (model, processor): ``factory`` is an import path
@@ -285,85 +251,6 @@ def _import_callable(spec: str) -> Callable:
 
 
 # ---- classifiers -----------------------------------------------------------------------------------
-@register("scorer", "toy_classifier")
-class ToyClassifierScorer(Scorer):
-    """The ToyWorld classifier. ``head`` is ``shape``, ``color`` or ``style`` (the suite's class names must be
-    that head's labels), or ``look`` for characters: a character is predicted when all three heads agree
-    with its (shape, colour, style); its probability is the product of the three head probabilities."""
-
-    outputs = ("probs", "pred")
-
-    def __init__(self, head: str = "shape", path: str | None = None) -> None:
-        super().__init__()
-        if head not in ("shape", "color", "style", "look"):
-            raise ConfigError(f"toy_classifier head must be one of shape, color, style, look; got {head!r}")
-        from ace_lightning.toyworld.classifier import load_classifier
-
-        try:
-            self.clf = load_classifier(path=path, device="cpu")
-        except FileNotFoundError as e:
-            raise ScorerWeightsError(f"ToyWorld classifier weights not found: {e}") from e
-        if isinstance(self.clf, nn.Module):
-            self.clf.eval().requires_grad_(False)
-        self.head = head
-        from ace_lightning.toyworld import CLASSIFIER_DIR
-        from ace_lightning.toyworld.classifier import WEIGHTS_FILE
-
-        wdir = Path(path or CLASSIFIER_DIR)
-        self._info = {"scorer": "toy_classifier", "head": head, "weights": str(wdir),
-                      "weights_sha256": file_digest(wdir / WEIGHTS_FILE)}
-
-    def info(self) -> dict:
-        return dict(self._info)
-
-    def setup(self, classes: ClassInfo | None) -> None:
-        if classes is None:
-            raise ConfigError("toy_classifier needs a suite with classes")
-        self.classes = classes
-        labels = self.clf.labels
-        if self.head == "look":
-            from ace_lightning.toyworld.world import CHARACTERS
-
-            bad = [c for c in classes.names if c not in CHARACTERS]
-            if bad:
-                raise ConfigError(f"head=look scores ToyWorld characters; unknown: {bad}")
-            self._look = [[labels[h].index(v) for h, v in zip(("shape", "color", "style"), CHARACTERS[c], strict=True)] for c in classes.names]
-        else:
-            bad = [c for c in classes.names if c not in labels[self.head]]
-            if bad:
-                raise ConfigError(f"classes {bad} are not labels of the classifier's {self.head} head {labels[self.head]}")
-            self._idx = [labels[self.head].index(c) for c in classes.names]
-
-    def _head_probs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        if hasattr(self.clf, "probs"):
-            return self.clf.probs(images)
-        out = self.clf(images) if isinstance(self.clf, nn.Module) else None
-        if isinstance(out, dict):
-            return {k: v.float().softmax(-1) for k, v in out.items()}
-        pred = self.clf.predict(images)  # one-hot fallback: argmax only
-        return {k: torch.nn.functional.one_hot(v, len(self.clf.labels[k])).float() for k, v in pred.items()}
-
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
-        hp = self._head_probs(images)
-        if self.head != "look":
-            p = hp[self.head]  # (B, K) over the head's labels
-            head_pred = p.argmax(-1)
-            probs = p[:, self._idx]  # (B, C) restricted to the suite's classes
-            idx = torch.tensor(self._idx, device=p.device)
-            match = head_pred[:, None] == idx[None]  # (B, C)
-        else:
-            heads = ("shape", "color", "style")
-            probs = torch.stack([
-                hp["shape"][:, s] * hp["color"][:, c] * hp["style"][:, st] for s, c, st in self._look
-            ], dim=1)  # (B, C)
-            preds = [hp[h].argmax(-1) for h in heads]
-            look = torch.tensor(self._look, device=probs.device)  # (C, 3)
-            match = torch.stack([(preds[i][:, None] == look[None, :, i]) for i in range(3)]).all(0)  # (B, C)
-        pred = torch.where(match.any(-1), match.float().argmax(-1), torch.full_like(match[:, 0], -1, dtype=torch.long))
-        return {"probs": probs, "pred": pred}
-
-
 @register("scorer", "resnet50")
 class ResNet50Scorer(Scorer):
     """torchvision ResNet-50 (ImageNet-1k) from a local state-dict file. ``imagenet_index`` maps each suite

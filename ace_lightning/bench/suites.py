@@ -8,6 +8,8 @@ run selects) and its own seed, so the image of (suite, index, seed) is the same 
 from __future__ import annotations
 
 import csv
+import random
+import string
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -74,27 +76,6 @@ class Selection:
 
 
 # ---- prompt sources --------------------------------------------------------------------------------
-@register("class_source", "toyworld_shapes")
-def _toy_shapes() -> dict[str, list[str]]:
-    from ace_lightning.toyworld.world import SHAPES
-
-    return {k: list(v) for k, v in SHAPES.items()}
-
-
-@register("class_source", "toyworld_styles")
-def _toy_styles() -> dict[str, list[str]]:
-    from ace_lightning.toyworld.world import STYLES
-
-    return {k: list(v) for k, v in STYLES.items()}
-
-
-@register("class_source", "toyworld_characters")
-def _toy_characters() -> dict[str, list[str]]:
-    from ace_lightning.toyworld.world import CHARACTERS
-
-    return {k: [] for k in CHARACTERS}
-
-
 def _read_list(path: Path) -> list[str]:
     if not path.is_file():
         raise ConfigError(f"name list file {path} not found")
@@ -111,11 +92,17 @@ class ClassPrompts:
     line; the classes are their union and the erased file gives the default erased set).
     Groups: an erased class's own name -> ``erased``, its synonyms -> ``synonym``; other classes ->
     ``retained`` (their synonyms -> ``other``, generated only with ``retained_synonyms: true``).
+
+    ``modifier_templates`` (e.g. ``"a {color} {style} {}"``) with ``modifiers`` (slot -> words) add the same
+    groups with modifier words before the class word (``erased_mod``, ``synonym_mod``, ``retained_mod``): each
+    (phrase, template) row draws its slot words with a generator seeded by the row's index, so the prompts are
+    fixed for a suite whatever is selected. ``templates=n`` also keeps the first n modifier templates.
     """
 
     def __init__(self, templates: list[str], classes: dict[str, list[str]] | None = None,
                  class_source: str | None = None, erased_file: str | None = None, retained_file: str | None = None,
                  erased: list[str] | None = None, synonyms: bool = True, retained_synonyms: bool = False,
+                 modifier_templates: list[str] | None = None, modifiers: dict[str, list[str]] | None = None,
                  base_dir: str = ".") -> None:
         given = [x is not None for x in (classes, class_source, erased_file)]
         if sum(given) != 1:
@@ -134,6 +121,17 @@ class ClassPrompts:
         self.templates = list(templates)
         self.default_erased = list(erased or [])
         self.synonyms, self.retained_synonyms = synonyms, retained_synonyms
+        self.modifier_templates = list(modifier_templates or [])
+        self.modifiers = {str(k): [str(w) for w in v] for k, v in (modifiers or {}).items()}
+        for tmpl in self.modifier_templates:
+            slots = [f for _, f, _, _ in string.Formatter().parse(tmpl) if f is not None]
+            unknown = sorted({f for f in slots if f} - set(self.modifiers))
+            if unknown or "" not in slots:
+                raise ConfigError(f"modifier template {tmpl!r}: needs one {{}} for the class and slots from "
+                                  f"modifiers {sorted(self.modifiers)}" + (f"; unknown slots {unknown}" if unknown else ""))
+            empty = sorted(f for f in slots if f and not self.modifiers[f])
+            if empty:
+                raise ConfigError(f"modifiers {empty} have no words")
         self._check(self.default_erased)
 
     def _check(self, names: list[str]) -> None:
@@ -156,21 +154,26 @@ class ClassPrompts:
         wanted = set(sel.classes) if sel.classes else None
         if wanted:
             self._check(sorted(wanted))
-        templates = self.templates[: sel.templates] if sel.templates else self.templates
+        n_templates = sel.templates or max(len(self.templates), len(self.modifier_templates))
         rows, index = [], 0
-        for target, (name, syns) in enumerate(self.classes.items()):
-            for j, phrase in enumerate([name] + (syns if self.synonyms else [])):
-                is_syn = j > 0
-                group = ("synonym" if is_syn else "erased") if name in erased else ("other" if is_syn else "retained")
-                for t_i, tmpl in enumerate(self.templates):
-                    idx, index = index, index + 1  # counted over everything: stable across selections
-                    if t_i >= len(templates) or (wanted is not None and name not in wanted):
-                        continue
-                    if group == "other" and not self.retained_synonyms:
-                        continue
-                    prompt = tmpl.format(phrase)
-                    rows += [PromptRow(suite, idx, prompt, sel.seed + k, name, target, group)
-                             for k in range(sel.images_per_prompt)]
+        # plain templates first, then modifier templates: the plain rows keep their indices (and image names)
+        for templates, mod in ((self.templates, ""), (self.modifier_templates, "_mod")):
+            for target, (name, syns) in enumerate(self.classes.items()):
+                for j, phrase in enumerate([name] + (syns if self.synonyms else [])):
+                    is_syn = j > 0
+                    group = ("synonym" if is_syn else "erased") if name in erased else ("other" if is_syn else "retained")
+                    for t_i, tmpl in enumerate(templates):
+                        idx, index = index, index + 1  # counted over everything: stable across selections
+                        if t_i >= n_templates or (wanted is not None and name not in wanted):
+                            continue
+                        if group == "other" and not self.retained_synonyms:
+                            continue
+                        words = {}
+                        if mod:
+                            rng = random.Random(f"modifiers/{idx}")
+                            words = {k: rng.choice(v) for k, v in sorted(self.modifiers.items())}
+                        rows += [PromptRow(suite, idx, tmpl.format(phrase, **words), sel.seed + k, name, target,
+                                           group + mod) for k in range(sel.images_per_prompt)]
         return rows
 
 
