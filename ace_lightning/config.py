@@ -145,6 +145,7 @@ class RunCfg:
     kind: str = "object"
     neutral: str | None = None
     synonyms: list[str] = field(default_factory=list)
+    method: str = "ace"
     experiment: str = ""
     concepts: list[RequestCfg] = field(default_factory=list)
     name: str | None = None
@@ -251,7 +252,8 @@ def _yaml(path: Path, what: str) -> DictConfig:
 
 
 def load_config(overrides: list[str] | None = None, base: Path | None = None) -> DictConfig:
-    """The run config: schema <- base.yaml <- experiment recipe <- overrides <- concept presets."""
+    """The run config: schema <- base.yaml <- method recipe (experiments/methods/<method>.yaml) <- experiment
+    recipe <- overrides <- concept presets."""
     cfg = OmegaConf.structured(RunCfg)
     cfg = _merge(cfg, _yaml(base or EXPERIMENTS_DIR / "base.yaml", "base config"), "experiments/base.yaml")
     for o in overrides or []:
@@ -264,6 +266,14 @@ def load_config(overrides: list[str] | None = None, base: Path | None = None) ->
             raise ConfigError(f"cannot parse the override {o!r} ({type(e).__name__}); quote values that YAML "
                               "would read as syntax") from None
     cli = OmegaConf.from_dotlist(list(overrides or []))
+    method = str(cli.get("method") or cfg.method)
+    from ace_lightning.registry import names
+
+    if method not in names("method"):
+        raise ConfigError(f"unknown method {method!r}; valid: {names('method')}")
+    path = EXPERIMENTS_DIR / "methods" / f"{method}.yaml"
+    if path.is_file():  # the method's own settings, under any experiment recipe and the command line
+        cfg = _merge(cfg, _yaml(path, f"method {method!r}"), str(path))
     recipe = cli.get("experiment") or cfg.experiment
     if recipe:
         path = EXPERIMENTS_DIR / f"{recipe}.yaml"

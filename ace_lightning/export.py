@@ -18,29 +18,62 @@ class AdapterError(ValueError):
     """An adapter file is corrupted, of another format, or made for another base model."""
 
 
-def save_adapter(path, bank: AdapterBank, requests, base_model: str, fingerprint: str, targets, config_yaml: str = "",
-                 unet=None) -> Path:
-    """Write the bank as safetensors. ``unet`` (the base model the bank was made on, adapter attached or not)
-    adds its dtype-independent weight signature and dtype, so the file also applies to that model in fp16/bf16."""
-    from safetensors.torch import save_file
-
-    from ace_lightning.utils import atomic_save
-
+def adapter_metadata(requests, base_model: str, fingerprint: str, targets, config_yaml: str = "", unet=None,
+                     method: str = "ace", kind: str = "gated_lora", concept_fields=None) -> dict[str, str]:
+    """The metadata every adapter file carries: format, kind (``gated_lora`` or ``delta``), method, concepts, base
+    model and its fingerprint, targets, the run's config. ``unet`` (the base model, adapter attached or not) adds
+    its dtype-independent weight signature and dtype, so the file also applies to that model in fp16/bf16."""
     concepts = []
     for req in requests:
-        ad = bank[req.concept]
+        extra = concept_fields(req) if concept_fields else {}
         concepts.append({"concept": req.concept, "kind": req.kind, "neutral": req.neutral, "synonyms": list(req.synonyms),
-                         "rank": ad.A.shape[0], "q": ad.Q.shape[1], "gated": bool(ad.gated)})
+                         **extra})
     meta = {
-        "format": FORMAT, "concepts": json.dumps(concepts), "base_model": str(base_model), "fingerprint": fingerprint,
-        "targets": json.dumps(list(targets)), "config": config_yaml, "ace_lightning_version": __version__,
+        "format": FORMAT, "kind": kind, "method": method, "concepts": json.dumps(concepts), "base_model": str(base_model),
+        "fingerprint": fingerprint, "targets": json.dumps(list(targets)), "config": config_yaml,
+        "ace_lightning_version": __version__,
     }
     if unet is not None:
         from ace_lightning.method.adapter import base_weights
 
         meta["signature"] = json.dumps(weight_signature(unet, targets))
         meta["base_dtype"] = str(next(iter(base_weights(unet, targets).values())).dtype).replace("torch.", "")
+    return meta
+
+
+def save_adapter(path, bank: AdapterBank, requests, base_model: str, fingerprint: str, targets, config_yaml: str = "",
+                 unet=None, method: str = "ace") -> Path:
+    """Write a gated low-rank bank as safetensors (see :func:`adapter_metadata`)."""
+    from safetensors.torch import save_file
+
+    from ace_lightning.utils import atomic_save
+
+    def fields(req):
+        ad = bank[req.concept]
+        return {"rank": ad.A.shape[0], "q": ad.Q.shape[1], "gated": bool(ad.gated)}
+
+    meta = adapter_metadata(requests, base_model, fingerprint, targets, config_yaml, unet, method, "gated_lora", fields)
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in bank.state_dict().items()}
+    atomic_save(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    return Path(path)
+
+
+DELTA_PARTS = ("unet", "text_encoder")  # the pipeline components a dense delta may touch
+
+
+def save_deltas(path, deltas: dict[str, torch.Tensor], requests, base_model: str, fingerprint: str, targets,
+                config_yaml: str = "", unet=None, method: str = "esd_x") -> Path:
+    """Write dense weight deltas ``{"<part>.<parameter name>": W_trained − W_base}`` (part: unet or
+    text_encoder) as safetensors: only the changed weights, never a whole model."""
+    from safetensors.torch import save_file
+
+    from ace_lightning.utils import atomic_save
+
+    bad = [k for k in deltas if k.split(".", 1)[0] not in DELTA_PARTS]
+    if bad:
+        raise ValueError(f"delta names must start with one of {DELTA_PARTS}: {bad[:3]}")
+    meta = adapter_metadata(requests, base_model, fingerprint, targets, config_yaml, unet, method, "delta")
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in deltas.items()}
     atomic_save(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return Path(path)
 
@@ -105,6 +138,8 @@ def check_compatible(unet, path, meta: dict | None = None) -> dict:
 def load_into(unet, path, check_fingerprint: bool = True) -> AdapterBank:
     """Inject an adapter file into ``unet`` (which must carry none)."""
     tensors, meta = read_adapter(path)
+    if meta.get("kind", "gated_lora") != "gated_lora":
+        raise AdapterError(f"{path} holds {meta.get('method')} dense deltas, not gated factors: use apply_adapter(pipe, path)")
     if check_fingerprint:
         check_compatible(unet, path, meta)
     bank = inject(unet, meta["targets"])
@@ -122,15 +157,60 @@ def load_into(unet, path, check_fingerprint: bool = True) -> AdapterBank:
     return bank
 
 
+def carries_adapter(unet) -> bool:
+    return bank_of(unet) is not None or hasattr(unet, "_ace_delta_backup")
+
+
 def apply_adapter(pipe, path):
-    """Apply an ACE adapter to a stock diffusers pipeline; refuses a mismatching base model."""
-    if bank_of(pipe.unet) is not None:
+    """Apply an adapter file (gated low-rank factors or dense deltas) to a stock diffusers pipeline; refuses a
+    mismatching base model and leaves the pipeline untouched on any error."""
+    if carries_adapter(pipe.unet):
         raise AdapterError("this pipeline already carries an ACE adapter; call remove_adapter(pipe) first")
-    load_into(pipe.unet, path)
+    tensors, meta = read_adapter(path)
+    if meta.get("kind", "gated_lora") == "delta":
+        check_compatible(pipe.unet, path, meta)
+        _apply_deltas(pipe, path, tensors)
+    else:
+        load_into(pipe.unet, path)
     return pipe
 
 
+def _apply_deltas(pipe, path, tensors: dict[str, torch.Tensor]) -> None:
+    """W += Δ for every named weight, keeping the originals so that removal restores them bit-for-bit."""
+    backup: dict[str, torch.Tensor] = {}
+    try:
+        for name, delta in tensors.items():
+            part, pname = name.split(".", 1)
+            if part not in DELTA_PARTS:
+                raise AdapterError(f"adapter {path}: delta {name!r} names no pipeline part {DELTA_PARTS}")
+            try:
+                p = getattr(pipe, part).get_parameter(pname)
+            except AttributeError as e:
+                raise AdapterError(f"adapter {path} does not match this pipeline: no weight {name!r}") from e
+            if p.shape != delta.shape:
+                raise AdapterError(f"adapter {path}: {name} has shape {tuple(delta.shape)}, the model's {tuple(p.shape)}")
+            backup[name] = p.detach().clone()
+            with torch.no_grad():
+                p.add_(delta.to(device=p.device, dtype=p.dtype))
+    except BaseException:
+        _restore(pipe, backup)
+        raise
+    pipe.unet._ace_delta_backup = backup
+
+
+def _restore(pipe, backup: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, original in backup.items():
+            part, pname = name.split(".", 1)
+            getattr(pipe, part).get_parameter(pname).copy_(original)
+
+
 def remove_adapter(pipe):
-    """Restore the pipeline's original projections (outputs equal the untouched model bit-for-bit)."""
-    remove(pipe.unet)
+    """Restore the pipeline's original weights (outputs equal the untouched model bit-for-bit)."""
+    backup = getattr(pipe.unet, "_ace_delta_backup", None)
+    if backup is not None:
+        _restore(pipe, backup)
+        del pipe.unet._ace_delta_backup
+    else:
+        remove(pipe.unet)
     return pipe

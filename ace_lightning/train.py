@@ -15,13 +15,12 @@ import lightning as L
 import torch
 from omegaconf import OmegaConf
 
-from ace_lightning.callbacks.closed_form import ClosedFormInit
+from ace_lightning.callbacks.cost import CostMeter
 from ace_lightning.callbacks.image_grid import ImageGrid
 from ace_lightning.callbacks.progress import ErasureProgressBar
 from ace_lightning.config import load_config
 from ace_lightning.data.datamodule import ErasureDataModule
 from ace_lightning.data.prompts import ErasureRequest
-from ace_lightning.export import save_adapter
 from ace_lightning.method.adapter import slug
 from ace_lightning.models.loading import (
     content_fingerprint,
@@ -30,8 +29,7 @@ from ace_lightning.models.loading import (
     resolve_model_dir,
 )
 from ace_lightning.models.sampling import SamplerSettings
-from ace_lightning.registry import ConfigError
-from ace_lightning.systems.erasure import ErasureSystem
+from ace_lightning.registry import ConfigError, build
 from ace_lightning.utils import (
     atomic_write_json,
     atomic_write_text,
@@ -77,10 +75,12 @@ def run(cfg) -> dict:
     sampler = SamplerSettings(**OmegaConf.to_container(cfg.sampler))
     dm = ErasureDataModule(comps, requests, cfg.data, sampler, cfg.seed, cfg.trainer.max_steps,
                            content_fingerprint(comps))  # caches are keyed by every weight, not only W
-    system = ErasureSystem(comps, cfg.adapter, cfg.loss, cfg.optim, cfg.adv)
-    closed_form = ClosedFormInit(cfg.closed_form, cfg.adapter)
+    method = build("method", {"name": cfg.method})
+    system, method_callbacks = method.build(comps, cfg, dm)
+    meter = CostMeter(comps, system)
     callbacks = [
-        closed_form,
+        *method_callbacks,
+        meter,
         L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                                             every_n_train_steps=cfg.trainer.checkpoint_every),
     ]
@@ -116,19 +116,15 @@ def run(cfg) -> dict:
 
     if trainer.global_rank == 0:
         config_yaml = OmegaConf.to_yaml(cfg)
-        save_adapter(run_dir / "adapter.safetensors", system.bank, requests, comps.source, fingerprint,
-                     cfg.adapter.targets, config_yaml, unet=comps.unet)
+        method.save(run_dir / "adapter.safetensors", system, requests, comps, fingerprint, cfg, config_yaml)
         atomic_write_text(run_dir / "config.yaml", config_yaml)
         atomic_write_json(run_dir / "prompts.json", dm.prompt_report())
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
-    metrics.update(dm.heldout_gate_rates(system.bank))
-    metrics.update({
-        "closed_form/seconds": float(closed_form.stats.get("_seconds", float("nan"))),
-        "train/global_step": trainer.global_step,
-        "run/seconds": time.perf_counter() - t0,
-    })
+    metrics.update(method.run_metrics(system, dm))
+    metrics.update({"train/global_step": trainer.global_step, "run/seconds": time.perf_counter() - t0})
+    metrics.update(meter.summary(dm, closed_form_seconds=metrics.get("closed_form/seconds", 0.0)))
     if trainer.global_rank == 0:
-        atomic_write_json(run_dir / "metrics.json", {"metrics": metrics, "closed_form": closed_form.stats,
+        atomic_write_json(run_dir / "metrics.json", {"metrics": metrics, "method": cfg.method, "stats": method.stats(),
                                                      "run_dir": str(run_dir), "fingerprint": fingerprint})
         say(f"trained {trainer.global_step} steps in {metrics['run/seconds']:.0f} s; outputs in {run_dir}:")
         outputs = ["adapter.safetensors", "metrics.json", "config.yaml", "prompts.json", "grid.png"]

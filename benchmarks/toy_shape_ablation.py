@@ -1,6 +1,6 @@
 """ACE recipes side by side on one ToyWorld shape, scored with the shipped classifier.
 
-    python benchmarks/toy_shape_ablation.py [--concept circle] [--recipes base ablations/ungated ...] [--out DIR]
+    python benchmarks/toy_shape_ablation.py [--concept circle] [--recipes base methods/ace_ungated ...] [--out DIR]
 
 For each recipe: train on ToyWorld (``make train`` defaults + the recipe), then generate the same prompts with
 the same seeds as ``tests/test_toyworld_erasure.py`` (4 templates x 4 colours; DDIM 20 steps, CFG 5) and report
@@ -38,7 +38,7 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--concept", default="circle")
-    ap.add_argument("--recipes", nargs="+", default=["base", "ablations/ungated"])
+    ap.add_argument("--recipes", nargs="+", default=["base", "methods/ace_ungated"])
     ap.add_argument("--out", default="outputs/bench_toy_shape_ablation")
     ap.add_argument("--n", type=int, default=24, help="images per group of prompts")
     args = ap.parse_args()

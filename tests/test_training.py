@@ -122,7 +122,7 @@ def test_resume_is_exact_and_runs_are_deterministic(tiny_model_dir, tmp_path):
     tc = load_file(tmp_path / "c" / "dog" / "adapter.safetensors")
     assert c["train/global_step"] == 6 and any(not torch.equal(t6[k], tc[k]) for k in t6)  # another seed
     meta = json.loads((tmp_path / "c" / "dog" / "metrics.json").read_text())
-    assert meta["closed_form"]["dog"]["rank"] >= 1
+    assert meta["stats"]["dog"]["rank"] >= 1 and meta["method"] == "ace"
 
 
 def test_closed_form_only_run(tiny_model_dir, tmp_path):
@@ -208,15 +208,20 @@ def test_every_recipe_smoke_runs(recipe, tiny_model_dir, tmp_path):
 
     recipe_cfg = OmegaConf.load(EXPERIMENTS_DIR / f"{recipe}.yaml")
     steps = min(1, int(OmegaConf.select(recipe_cfg, "trainer.max_steps", default=1)))
-    m = run(tiny_cfg(tiny_model_dir, tmp_path, f"experiment={recipe}", f"trainer.max_steps={steps}", "adv.warmup=0",
+    how = f"method={recipe.removeprefix('methods/')}" if recipe.startswith("methods/") else f"experiment={recipe}"
+    m = run(tiny_cfg(tiny_model_dir, tmp_path, how, f"trainer.max_steps={steps}", "adv.warmup=0",
                      "adv.every=1", "grid.seeds=[0]"))
     saved = OmegaConf.load(tmp_path / "dog" / "config.yaml")
-    overridden = {"trainer.max_steps", "grid.enabled", "data.vocab_preserve"}  # set by this test / tiny_cfg
+    overridden = {"trainer.max_steps", "grid.enabled", "data.vocab_preserve", "data.vocab_heldout",  # this test / tiny_cfg
+                  "data.latents_preserve", "data.latents_per_concept", "data.preserve_prompts"}
     for key in [k for k in _leaves(recipe_cfg) if k not in overridden]:
         assert OmegaConf.select(saved, key) == OmegaConf.select(recipe_cfg, key), key
     assert m["train/global_step"] == steps
     _, meta = read_adapter(tmp_path / "dog" / "adapter.safetensors")
-    assert meta["concepts"][0]["gated"] == (not OmegaConf.select(saved, "adapter.ungated"))
+    if meta["kind"] == "delta":  # dense-delta methods (ESD) have no gate
+        assert recipe.startswith("methods/esd") and meta["method"] == saved.method
+    else:
+        assert meta["concepts"][0]["gated"] == (not OmegaConf.select(saved, "adapter.ungated"))
 
 
 def _leaves(cfg, prefix=""):

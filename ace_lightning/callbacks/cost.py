@@ -1,0 +1,78 @@
+"""What a run cost, for every method alike: wall seconds per stage, UNet and text-encoder passes (calls and
+samples), backward passes, images generated for the run's own data, peak memory. Columns of ``make compare``."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+
+import lightning as L
+import torch
+
+
+class _Counter:
+    def __init__(self) -> None:
+        self.calls, self.samples = 0, 0
+
+    def __call__(self, module, args, kwargs, output) -> None:
+        x = args[0] if args else next(iter(kwargs.values()), None)
+        self.calls += 1
+        self.samples += int(x.shape[0]) if isinstance(x, torch.Tensor) and x.dim() else 1
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (MiB)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+class CostMeter(L.Callback):
+    """Counts forward passes of every UNet (the frozen one and any trained copy inside ``system``) and of the text
+    encoder from construction on (so data preparation counts too), backward passes (one per optimiser step through
+    the trained weights) and times the fine-tuning loop."""
+
+    def __init__(self, components, system) -> None:
+        self.unet, self.text = _Counter(), _Counter()
+        unets = [components.unet] + [m for m in system.modules() if type(m) is type(components.unet)]
+        seen = set()
+        self._handles = []
+        for u in unets:
+            if id(u) not in seen:
+                seen.add(id(u))
+                self._handles.append(u.register_forward_hook(self.unet, with_kwargs=True))
+        self._handles.append(components.text_encoder.register_forward_hook(self.text, with_kwargs=True))
+        self.backward = 0
+        self.fit_seconds = 0.0
+        self._t0 = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        self.backward += 1
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._t0 is not None:
+            self.fit_seconds = time.perf_counter() - self._t0
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def summary(self, datamodule, closed_form_seconds: float = 0.0) -> dict[str, float]:
+        cache = getattr(datamodule, "latent_cache", None)
+        data_s = float(getattr(datamodule, "setup_seconds", 0.0))
+        out = {
+            "cost/data_seconds": data_s,  # mining, preserve encoding, latents (cached latents cost nothing)
+            "cost/finetune_seconds": self.fit_seconds,
+            "cost/closed_form_seconds": float(closed_form_seconds),
+            "cost/adapt_seconds": data_s + self.fit_seconds + float(closed_form_seconds),
+            "cost/unet_forward_calls": self.unet.calls, "cost/unet_forward_samples": self.unet.samples,
+            "cost/unet_backward_passes": self.backward,
+            "cost/text_encoder_forward_samples": self.text.samples,
+            "cost/images_generated": cache.generated if cache is not None else 0,
+            "cost/peak_rss_mib": peak_rss_mib(),
+        }
+        if torch.cuda.is_available():
+            out["cost/peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        return {k: float(v) for k, v in out.items()}
