@@ -14,7 +14,7 @@ DEVICES ?= 1
 OUT     ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-slow lint clean toyworld toyworld-eval bench bench-closed-form
+.PHONY: help install train test test-slow lint clean toyworld toyworld-eval bench compare bench-closed-form
 
 help: ## list every target
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
@@ -50,6 +50,10 @@ toyworld-eval: $(STAMP) ## re-measure the shipped ToyWorld model's quality card
 bench: $(STAMP) ## run a suite: SUITE=<name> [ADAPTER=path] [MODEL=dir-or-id] [DEVICES=N] [OUT=dir] [ARGS="k=v ..."]
 	@test -n "$(SUITE)" || { echo "usage: make bench SUITE=<name> [ADAPTER=...] [MODEL=...] [DEVICES=N] [OUT=dir]"; exit 2; }
 	$(PY) -m ace_lightning.bench.run suite="$(SUITE)" devices=$(DEVICES) $(if $(ADAPTER),adapter="$(ADAPTER)") $(if $(MODEL),model="$(MODEL)") $(if $(OUT),out="$(OUT)") $(ARGS)
+
+compare: $(STAMP) ## methods side by side: SUITE=<name> CONCEPT=<c[,c2]> [METHODS=ace,esd_x,...] [MODEL=..] [DEVICES=N] [OUT=dir] [ARGS="train.k=v bench.k=v <method>.k=v"]
+	@test -n "$(SUITE)" -a -n "$(CONCEPT)" || { echo "usage: make compare SUITE=<name> CONCEPT=<c[,c2]> [METHODS=a,b] [MODEL=...] [DEVICES=N] [OUT=dir] [ARGS=\"k=v ...\"]"; exit 2; }
+	$(PY) -m ace_lightning.compare suite="$(SUITE)" concept="$(CONCEPT)" devices=$(DEVICES) $(if $(METHODS),methods="$(METHODS)") $(if $(MODEL),model="$(MODEL)") $(if $(OUT),out="$(OUT)") $(ARGS)
 
 bench-closed-form: $(STAMP) ## time the closed-form stage for 1, 10, 100 concepts at SD-1.4 sizes
 	$(PY) benchmarks/closed_form_speed.py $(ARGS)

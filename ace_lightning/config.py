@@ -118,6 +118,11 @@ class AdvCfg:
 
 
 @dataclass
+class AdvUnlearnCfg:
+    layers: list[int] = field(default_factory=lambda: [0])  # text-encoder layers trained by advunlearn ([] = all)
+
+
+@dataclass
 class SamplerCfg:
     scheduler: str = "ddim"
     steps: int = 25
@@ -161,6 +166,7 @@ class RunCfg:
     trainer: TrainerCfg = field(default_factory=TrainerCfg)
     data: DataCfg = field(default_factory=DataCfg)
     adv: AdvCfg = field(default_factory=AdvCfg)
+    advunlearn: AdvUnlearnCfg = field(default_factory=AdvUnlearnCfg)
     sampler: SamplerCfg = field(default_factory=SamplerCfg)
     grid: GridCfg = field(default_factory=GridCfg)
     logger: LoggerCfg = field(default_factory=LoggerCfg)

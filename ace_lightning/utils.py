@@ -132,3 +132,22 @@ def open_wandb_run(project: str, name: str, save_dir: str | os.PathLike, run_id:
         run.define_metric("trainer/global_step")
         run.define_metric("*", step_metric="trainer/global_step", step_sync=True)
     return run
+
+
+def run_cli(main) -> None:
+    """Call ``main()``; user errors (config, missing model or weights, bad adapter, missing files) print one line
+    and exit 2; ``ACE_DEBUG=1`` shows the traceback instead."""
+    import sys
+
+    from ace_lightning.bench.scorers import ScorerWeightsError
+    from ace_lightning.export import AdapterError
+    from ace_lightning.models.loading import ModelNotFoundError
+    from ace_lightning.registry import ConfigError
+
+    try:
+        main()
+    except (ConfigError, ModelNotFoundError, AdapterError, ScorerWeightsError, FileNotFoundError) as e:
+        if os.environ.get("ACE_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

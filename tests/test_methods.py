@@ -11,7 +11,14 @@ from ace_lightning.config import load_config
 from ace_lightning.registry import ConfigError, names
 from ace_lightning.train import run
 
-METHODS = ["ace", "uce", "esd_x", "esd_u"]
+METHODS = ["ace", "uce", "esd_x", "esd_u", "advunlearn"]
+
+
+def _text_out(pipe):
+    ids = pipe.tokenizer(["a dog on a hill"], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         return_tensors="pt").input_ids
+    with torch.no_grad():
+        return pipe.text_encoder(ids)[0]
 
 
 def _unet_out(unet, seed=0):
@@ -48,20 +55,30 @@ def test_method_trains_and_its_adapter_applies_and_removes_bit_for_bit(method, t
     assert m["cost/unet_forward_samples"] >= 3 * steps and m["cost/text_encoder_forward_samples"] > 0
     assert m["cost/peak_rss_mib"] > 0 and m["cost/adapt_seconds"] > 0
     assert (m["cost/finetune_seconds"] > 0) == (steps > 0)
-    assert m["cost/unet_backward_passes"] == steps
+    assert m["cost/optimizer_steps"] == steps and (m["cost/unet_backward_samples"] > 0) == (steps > 0)
+    if method == "advunlearn":  # the inner attack's backward passes count too (adv.steps=2 per step here)
+        assert m["cost/unet_backward_samples"] >= steps * 3
     path = tmp_path / "dog" / "adapter.safetensors"
     tensors, meta = read_adapter(path)
-    assert meta["method"] == method and meta["kind"] == ("delta" if method.startswith("esd") else "gated_lora")
+    dense = method.startswith("esd") or method == "advunlearn"
+    assert meta["method"] == method and meta["kind"] == ("delta" if dense else "gated_lora")
 
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model_dir), safety_checker=None, requires_safety_checker=False)
-    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
-    ref = _unet_out(pipe.unet)
+    before = {k: v.clone() for part in (pipe.unet, pipe.text_encoder) for k, v in part.state_dict().items()}
+    ref, ref_text = _unet_out(pipe.unet), _text_out(pipe)
     apply_adapter(pipe, path)
-    assert not torch.equal(_unet_out(pipe.unet), ref)  # the adapter changes the model
+    if method == "advunlearn":  # the text encoder changes, the UNet does not
+        assert not torch.equal(_text_out(pipe), ref_text) and torch.equal(_unet_out(pipe.unet), ref)
+    else:
+        assert not torch.equal(_unet_out(pipe.unet), ref) and torch.equal(_text_out(pipe), ref_text)
     remove_adapter(pipe)
-    assert torch.equal(_unet_out(pipe.unet), ref)
-    after = pipe.unet.state_dict()
+    assert torch.equal(_unet_out(pipe.unet), ref) and torch.equal(_text_out(pipe), ref_text)
+    after = {k: v for part in (pipe.unet, pipe.text_encoder) for k, v in part.state_dict().items()}
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+    if method == "advunlearn":  # only the configured layer (0) of the text encoder
+        assert tensors and all(k.startswith("text_encoder.") and "encoder.layers.0." in k for k in tensors)
+        assert any(float(t.abs().max()) > 0 for t in tensors.values())
 
     if method.startswith("esd"):  # only the method's weights are stored and changed
         unet_names = {k.removeprefix("unet.") for k in tensors}

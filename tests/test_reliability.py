@@ -1,5 +1,7 @@
 """Reliability (issue 9): no lost runs, nonsense refused, corrupted adapters refused."""
 
+import re
+
 import pytest
 import torch
 from test_training import tiny_args, tiny_cfg
@@ -95,7 +97,9 @@ def test_resume_continues_the_same_wandb_run(tiny_model_dir, tmp_path, monkeypat
     run(tiny_cfg(tiny_model_dir, tmp_path, "trainer.max_steps=2", "trainer.checkpoint_every=2", "logger.wandb=true"))
     run(tiny_cfg(tiny_model_dir, tmp_path, "trainer.max_steps=3", "ckpt_path=last", "logger.wandb=true"))
     runs = sorted((tmp_path / "dog" / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and len({r.name.rsplit("-", 1)[-1] for r in runs}) == 1, runs  # one run id, resumed
+    # offline-run-<date>_<time>-<id>[-<n> when two start in the same second]: one run id, resumed
+    ids = {re.match(r"offline-run-\d{8}_\d{6}-([a-z0-9]+)", r.name).group(1) for r in runs}
+    assert len(runs) == 2 and len(ids) == 1, runs
 
 
 def test_console_shows_progress_and_nothing_else(tiny_model_dir, tmp_path):

@@ -213,13 +213,14 @@ def test_every_recipe_smoke_runs(recipe, tiny_model_dir, tmp_path):
                      "adv.every=1", "grid.seeds=[0]"))
     saved = OmegaConf.load(tmp_path / "dog" / "config.yaml")
     overridden = {"trainer.max_steps", "grid.enabled", "data.vocab_preserve", "data.vocab_heldout",  # this test / tiny_cfg
-                  "data.latents_preserve", "data.latents_per_concept", "data.preserve_prompts"}
+                  "data.latents_preserve", "data.latents_per_concept", "data.preserve_prompts", "adv.steps",
+                  "adv.warmup", "adv.every"}
     for key in [k for k in _leaves(recipe_cfg) if k not in overridden]:
         assert OmegaConf.select(saved, key) == OmegaConf.select(recipe_cfg, key), key
     assert m["train/global_step"] == steps
     _, meta = read_adapter(tmp_path / "dog" / "adapter.safetensors")
     if meta["kind"] == "delta":  # dense-delta methods (ESD) have no gate
-        assert recipe.startswith("methods/esd") and meta["method"] == saved.method
+        assert recipe.startswith(("methods/esd", "methods/advunlearn")) and meta["method"] == saved.method
     else:
         assert meta["concepts"][0]["gated"] == (not OmegaConf.select(saved, "adapter.ungated"))
 

@@ -214,6 +214,24 @@ class ScoringSystem(L.LightningModule):
         variant = batch[0].variant
         for i, (_, skey) in enumerate(self.specs):
             self.metric_sets[_key(variant, i)].update(outputs[skey], target, group)
+        self._write_scores(batch, outputs)
+
+    PER_ROW = ("pred", "probs", "clip_score")  # scorer outputs kept per image (for confidence intervals)
+
+    def on_test_start(self) -> None:
+        (self.out_dir / f"scores.rank{self.global_rank}.jsonl").unlink(missing_ok=True)  # rescored every run
+
+    def _write_scores(self, batch: list[PromptRow], outputs: dict) -> None:
+        """One line per (row, metric set): what the set's update saw for that image, so that ``make compare`` can
+        resample prompts and recompute the suite's own numbers."""
+        with open(self.out_dir / f"scores.rank{self.global_rank}.jsonl", "a") as f:
+            for tag, skey in self.specs:
+                o = {k: v.detach().cpu().tolist() for k, v in outputs[skey].items() if k in self.PER_ROW}
+                if not o:
+                    continue
+                for j, r in enumerate(batch):
+                    f.write(json.dumps({"variant": r.variant, "tag": tag, "index": r.index, "seed": r.seed,
+                                        "group": r.group_id, "target": r.target, **{k: v[j] for k, v in o.items()}}) + "\n")
 
     def compute_results(self) -> dict[str, dict[str, float]]:
         """Every rank must call this (after `trainer.test`), in the same order: compute() all-reduces the

@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if trainer.global_rank != 0:
         return {}
 
+    _merge_rank_files(out, "scores")
     timing = {"generated": len(todo), "skipped_existing": len(rows) - len(todo), "wall_seconds": gen_wall, "ranks": []}
     for p in sorted(out.glob("timing.rank*.json")):
         timing["ranks"].append(json.loads(p.read_text()))
@@ -116,6 +117,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print(report.markdown_table(results, settings))
     print(f"reports in {out}")
     return results[primary]
+
+
+def _merge_rank_files(out: Path, stem: str) -> None:
+    """``<stem>.rank*.jsonl`` -> one ``<stem>.jsonl`` (rows sorted), written atomically."""
+    from ace_lightning.utils import atomic_write_text
+
+    parts = sorted(out.glob(f"{stem}.rank*.jsonl"))
+    lines = sorted(ln for p in parts for ln in p.read_text().splitlines() if ln.strip())
+    atomic_write_text(out / f"{stem}.jsonl", "".join(ln + "\n" for ln in lines))
+    for p in parts:
+        p.unlink()
 
 
 def _settings(cfg, suite, sampler, sel, variants, run, metrics, scorers, skey, model) -> dict:
@@ -181,19 +193,9 @@ def _check_up_front(out: Path, model, dtype: str, adapters: list[str]) -> None:
 
 
 def cli() -> None:
-    """User errors (config, missing model or weights, bad adapter, missing files) print one line and exit 2;
-    ``ACE_DEBUG=1`` shows the traceback instead."""
-    from ace_lightning.bench.scorers import ScorerWeightsError
-    from ace_lightning.export import AdapterError
-    from ace_lightning.models.loading import ModelNotFoundError
+    from ace_lightning.utils import run_cli
 
-    try:
-        main()
-    except (ConfigError, ModelNotFoundError, AdapterError, ScorerWeightsError, FileNotFoundError) as e:
-        if os.environ.get("ACE_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_cli(main)
 
 
 if __name__ == "__main__":

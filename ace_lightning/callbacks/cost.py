@@ -11,14 +11,28 @@ import lightning as L
 import torch
 
 
+def _first_tensor(x):
+    if isinstance(x, torch.Tensor):
+        return x
+    values = x.values() if isinstance(x, dict) else x if isinstance(x, (tuple, list)) else vars(x).values()
+    return next((t for t in map(_first_tensor, values) if t is not None), None) if values else None
+
+
 class _Counter:
+    """Forward calls and samples; a forward whose output carries a graph counts as a backward pass too (every
+    method here back-propagates through each graph it builds: training steps and inner attack steps alike)."""
+
     def __init__(self) -> None:
-        self.calls, self.samples = 0, 0
+        self.calls, self.samples, self.grad_samples = 0, 0, 0
 
     def __call__(self, module, args, kwargs, output) -> None:
         x = args[0] if args else next(iter(kwargs.values()), None)
+        n = int(x.shape[0]) if isinstance(x, torch.Tensor) and x.dim() else 1
         self.calls += 1
-        self.samples += int(x.shape[0]) if isinstance(x, torch.Tensor) and x.dim() else 1
+        self.samples += n
+        out = _first_tensor(output)
+        if torch.is_grad_enabled() and out is not None and out.requires_grad:
+            self.grad_samples += n
 
 
 def peak_rss_mib() -> float:
@@ -34,14 +48,11 @@ class CostMeter(L.Callback):
 
     def __init__(self, components, system) -> None:
         self.unet, self.text = _Counter(), _Counter()
-        unets = [components.unet] + [m for m in system.modules() if type(m) is type(components.unet)]
-        seen = set()
         self._handles = []
-        for u in unets:
-            if id(u) not in seen:
-                seen.add(id(u))
-                self._handles.append(u.register_forward_hook(self.unet, with_kwargs=True))
-        self._handles.append(components.text_encoder.register_forward_hook(self.text, with_kwargs=True))
+        for base, counter in ((components.unet, self.unet), (components.text_encoder, self.text)):
+            # the component and any trained copy of it inside the system (ESD's UNet, AdvUnlearn's text encoder)
+            for m in {id(m): m for m in [base, *(m for m in system.modules() if type(m) is type(base))]}.values():
+                self._handles.append(m.register_forward_hook(counter, with_kwargs=True))
         self.backward = 0
         self.fit_seconds = 0.0
         self._t0 = None
@@ -68,7 +79,8 @@ class CostMeter(L.Callback):
             "cost/closed_form_seconds": float(closed_form_seconds),
             "cost/adapt_seconds": data_s + self.fit_seconds + float(closed_form_seconds),
             "cost/unet_forward_calls": self.unet.calls, "cost/unet_forward_samples": self.unet.samples,
-            "cost/unet_backward_passes": self.backward,
+            "cost/unet_backward_samples": self.unet.grad_samples,  # inner attack steps included
+            "cost/optimizer_steps": self.backward,
             "cost/text_encoder_forward_samples": self.text.samples,
             "cost/images_generated": cache.generated if cache is not None else 0,
             "cost/peak_rss_mib": peak_rss_mib(),

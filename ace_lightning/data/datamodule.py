@@ -131,7 +131,7 @@ class ErasureDataset(Dataset):
             "ids": cd.ids[j], "span": cd.span[j],
             "emb": cd.emb[j], "emb_neu": cd.emb_neu[j], "target_mask": cd.target_mask[j],
             "x0": x0, "t": t[0], "noise": torch.randn(x0.shape, generator=g),
-            "emb_p": dm.preserve_emb[pj], "preserve_mask": dm.preserve_mask[pj],
+            "emb_p": dm.preserve_emb[pj], "preserve_mask": dm.preserve_mask[pj], "ids_p": dm.preserve_ids[pj],
             "x0_p": x0_p, "t_p": t[1], "noise_p": torch.randn(x0_p.shape, generator=g),
         }
 
@@ -173,6 +173,7 @@ class ErasureDataModule(L.LightningDataModule):
         if not self.preserve_prompts:
             raise ValueError("no preserve prompts left after removing those that mention an erased concept")
         self.preserve_emb, ids = encode_prompts(c.text_encoder, tok, self.preserve_prompts)  # (m, T, d)
+        self.preserve_ids = ids  # (m, T): for methods that re-encode preserve prompts with a trained text encoder
         nonpad = token_mask(ids, tok.eos_token_id)  # (m, T)
         # vocabulary words in neutral and modifier contexts, encoded by the model's own text encoder: token-level
         # preserve equations for the closed form and negatives for the gate (no latents needed)
@@ -212,6 +213,7 @@ class ErasureDataModule(L.LightningDataModule):
                 pipe, self.preserve_prompts[:npres], [prompt_seed(self.seed, p) for p in self.preserve_prompts[:npres]]
             )
             self.preserve_emb, self.preserve_mask = self.preserve_emb[:npres], self.preserve_mask[:npres]
+            self.preserve_ids = self.preserve_ids[:npres]
             for req, nb in zip(self.requests, self.neighbours):
                 self.concepts.append(self._concept(req, nb, latents, pipe))
         self.setup_seconds = time.perf_counter() - t_setup  # data preparation: mining, encoding, latents

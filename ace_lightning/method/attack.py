@@ -52,7 +52,7 @@ def phrase_init(text_encoder, ids: torch.Tensor, span: torch.Tensor, n_adv: int)
 @register("attack", "soft_prompt")
 def soft_prompt_attack(unet, text_encoder, ids, positions, x_t, t, eps_target, steps: int = 10, lr: float = 1e-2,
                        init: torch.Tensor | None = None, init_ids: torch.Tensor | None = None,
-                       init_span: torch.Tensor | None = None):
+                       init_span: torch.Tensor | None = None, return_tokens: bool = False):
     """Optimise one set of token embeddings per row (B, n_adv, d) at ``positions`` (B, n_adv) with Adam for
     ``steps`` steps to minimise each row's ``||ε'(x_t, c_adv) − ε_target||²``; returns (adversarial encoder
     outputs (B, T, d) detached, final mean loss).
@@ -60,7 +60,8 @@ def soft_prompt_attack(unet, text_encoder, ids, positions, x_t, t, eps_target, s
     Rows are independent (the loss is a sum of per-row means and Adam is element-wise), so a batch that mixes
     concepts never mixes their attacks. Start: ``init`` (B, n_adv, d), else the rows' phrase tokens
     (``init_ids``/``init_span``, see :func:`phrase_init`), else the placeholder embeddings. Only the embeddings
-    are optimised (gradients via ``torch.autograd.grad``, model grads untouched)."""
+    are optimised (gradients via ``torch.autograd.grad``, model grads untouched). ``return_tokens``: also return
+    the optimised token embeddings (B, n_adv, d), for a defender that re-encodes them with gradients."""
     positions = torch.as_tensor(positions, dtype=torch.long)
     B, n_adv = positions.shape
     if init is None:
@@ -83,4 +84,6 @@ def soft_prompt_attack(unet, text_encoder, ids, positions, x_t, t, eps_target, s
         loss = per_row.detach().mean()
     with torch.no_grad(), soft_tokens(text_encoder, positions, adv):
         c = encode_ids(text_encoder, ids)
+    if return_tokens:
+        return c.detach().float(), float(loss), adv.detach()
     return c.detach().float(), float(loss)

@@ -11,12 +11,10 @@ The adapter file holds the dense deltas of the trained weights only.
 
 from __future__ import annotations
 
-import copy
-
-import lightning as L
 import torch
 
 from ace_lightning.method.losses import erase_loss
+from ace_lightning.methods.deltas import DenseDeltaMethod, DenseDeltaSystem
 from ace_lightning.registry import register
 from ace_lightning.systems.erasure import training_noise_scheduler
 
@@ -38,24 +36,17 @@ def esd_parameter_names(unet: torch.nn.Module, which: str) -> list[str]:
     return out
 
 
-class EsdSystem(L.LightningModule):
+class EsdSystem(DenseDeltaSystem):
     """A trainable copy of the UNet (``student``) against the frozen one; only the selected weights train."""
 
     def __init__(self, components, which: str, eta: float, lr: float):
-        super().__init__()
+        super().__init__("unet", components.unet, esd_parameter_names(components.unet, which))
         object.__setattr__(self, "components", components)
         object.__setattr__(self, "frozen", components.unet)
         object.__setattr__(self, "text_encoder", components.text_encoder)
         self.noise_scheduler = training_noise_scheduler(components.scheduler)
         self.eta, self.lr = eta, lr
-        self.student = copy.deepcopy(components.unet).float()
-        self.trained = esd_parameter_names(self.student, which)
-        keep = set(self.trained)
-        for n, p in self.student.named_parameters():
-            p.requires_grad_(n in keep)
-        self.strict_loading = False  # checkpoints hold only the trained weights
         self.register_buffer("uncond", torch.zeros(0), persistent=False)
-        self.student.train()  # (its dropout is whatever the model config says; ESD trains in train mode)
 
     def setup(self, stage: str) -> None:
         from ace_lightning.method.text import encode_prompts
@@ -64,9 +55,6 @@ class EsdSystem(L.LightningModule):
         self.text_encoder.to(self.device)
         emb, _ = encode_prompts(self.text_encoder, self.components.tokenizer, [""])  # (1, T, d): ε(x_t, ∅)
         self.uncond = emb.to(self.device)
-
-    def configure_optimizers(self):
-        return torch.optim.Adam([p for p in self.student.parameters() if p.requires_grad], lr=self.lr)
 
     def training_step(self, batch, batch_idx):
         x_t = self.noise_scheduler.add_noise(batch["x0"], batch["noise"], batch["t"])  # (B, c, h, w)
@@ -84,33 +72,13 @@ class EsdSystem(L.LightningModule):
         self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=B)
         return loss
 
-    def on_save_checkpoint(self, checkpoint):
-        keep = {f"student.{n}" for n in self.trained}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
-    @torch.no_grad()
-    def deltas(self) -> dict[str, torch.Tensor]:
-        """``{"unet.<name>": W_trained − W_frozen}`` for the trained weights."""
-        base = dict(self.frozen.named_parameters())
-        student = dict(self.student.named_parameters())
-        return {f"unet.{n}": student[n].float().cpu() - base[n].float().cpu() for n in self.trained}
-
-
-class EsdMethod:
+class EsdMethod(DenseDeltaMethod):
     def __init__(self, which: str) -> None:
         self.which = which
 
     def build(self, components, cfg, datamodule):
         return EsdSystem(components, self.which, cfg.loss.eta, cfg.optim.lr), []
-
-    def save(self, path, system, requests, components, fingerprint, cfg, config_yaml):
-        from ace_lightning.export import save_deltas
-
-        save_deltas(path, system.deltas(), requests, components.source, fingerprint, cfg.adapter.targets, config_yaml,
-                    unet=components.unet, method=cfg.method)
-
-    def run_metrics(self, system, datamodule):
-        return {}
 
     def stats(self):
         return {"trained_weights": self.which}

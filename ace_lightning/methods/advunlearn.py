@@ -1,0 +1,102 @@
+"""AdvUnlearn (Zhang et al. 2024, "Defensive Unlearning with Adversarial Training for Robust Concept Erasure"):
+adversarial training of the *text encoder* (the UNet stays frozen). Every step alternates
+
+1. attack: soft-prompt tokens (``adv.n_adv`` of them, at ``adv.position``) optimised for ``adv.steps`` Adam steps so
+   that the current model reproduces the frozen model's prediction for the concept (the shared ``soft_prompt``
+   attack, run against the text encoder being trained);
+2. defense: ESD's loss on the attacked prompt, ε'(x_t, c_adv) → ε(x_t, ∅) − η (ε(x_t, c) − ε(x_t, ∅)), plus the
+   utility-retention loss ``loss.alpha_pres · ||ε'(x_p, c'_p) − ε(x_p, c_p)||²`` on the preserve prompts, both
+   through the trained text encoder.
+
+Which layers train: ``advunlearn.layers`` (indices of ``text_model.encoder.layers``; [] = all of them). The
+adapter file holds the dense deltas of those text-encoder weights.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+
+from ace_lightning.method.attack import insert_placeholders
+from ace_lightning.method.losses import erase_loss
+from ace_lightning.method.text import encode_ids, soft_tokens
+from ace_lightning.methods.deltas import DenseDeltaMethod, DenseDeltaSystem
+from ace_lightning.registry import build, register
+from ace_lightning.systems.erasure import training_noise_scheduler
+
+
+def text_layer_names(text_encoder: torch.nn.Module, layers: list[int]) -> list[str]:
+    """Parameter names of the chosen transformer layers (``[]``: every layer)."""
+    layer_of = {n: int(m.group(1)) for n, _ in text_encoder.named_parameters()
+                if (m := re.search(r"(?:^|\.)encoder\.layers\.(\d+)\.", n))}
+    if not layer_of:
+        raise ValueError("this text encoder has no encoder.layers.<i> parameters")
+    n_layers = 1 + max(layer_of.values())
+    bad = [i for i in layers if not 0 <= i < n_layers]
+    if bad:
+        raise ValueError(f"advunlearn.layers {bad} out of range: this text encoder has layers 0..{n_layers - 1}")
+    return [n for n, i in layer_of.items() if not layers or i in layers]
+
+
+class AdvUnlearnSystem(DenseDeltaSystem):
+    def __init__(self, components, layers: list[int], eta: float, alpha_retain: float, lr: float, adv_cfg):
+        te = components.text_encoder
+        super().__init__("text_encoder", te, text_layer_names(te, list(layers)))
+        object.__setattr__(self, "components", components)
+        object.__setattr__(self, "unet", components.unet)
+        object.__setattr__(self, "frozen_te", te)
+        self.noise_scheduler = training_noise_scheduler(components.scheduler)
+        self.eta, self.alpha_retain, self.lr, self.adv = eta, alpha_retain, lr, adv_cfg
+        self.register_buffer("uncond", torch.zeros(0), persistent=False)
+
+    def setup(self, stage: str) -> None:
+        from ace_lightning.method.text import encode_prompts
+
+        self.unet.to(self.device).requires_grad_(False)
+        self.frozen_te.to(self.device).requires_grad_(False)
+        emb, _ = encode_prompts(self.frozen_te, self.components.tokenizer, [""])  # (1, T, d)
+        self.uncond = emb.to(self.device)
+
+    def _unet(self, x, t, c):
+        return self.unet(x.to(self.unet.dtype), t, encoder_hidden_states=c.to(self.unet.dtype)).sample.float()
+
+    def training_step(self, batch, batch_idx):
+        sch = self.noise_scheduler
+        x_t = sch.add_noise(batch["x0"], batch["noise"], batch["t"])  # (B, c, h, w)
+        x_p = sch.add_noise(batch["x0_p"], batch["noise_p"], batch["t_p"])
+        t, emb = batch["t"], batch["emb"]
+        B = x_t.shape[0]
+        with torch.no_grad():  # frozen targets: ε(x_t, c), ε(x_t, ∅), ε(x_p, c_p)
+            eps_c, eps_u, eps_p = self._unet(torch.cat([x_t, x_t, x_p]), torch.cat([t, t, batch["t_p"]]),
+                                             torch.cat([emb, self.uncond.expand(B, -1, -1), batch["emb_p"]])
+                                             ).split([B, B, x_p.shape[0]])
+        # 1. attack the current text encoder
+        ids, pos = insert_placeholders(batch["ids"], batch["span"], self.adv.n_adv, self.adv.position,
+                                       self.components.tokenizer.eos_token_id)
+        ids = ids.to(self.device)
+        with torch.enable_grad():
+            _, attack_loss, tokens = build("attack", {"name": self.adv.name, "steps": self.adv.steps, "lr": self.adv.lr},
+                                           unet=self.unet, text_encoder=self.student, ids=ids, positions=pos, x_t=x_t,
+                                           t=t, eps_target=eps_c, init_ids=batch["ids"], init_span=batch["span"],
+                                           return_tokens=True)
+        self.student.zero_grad(set_to_none=True)  # the attack touched no weight grads; keep it that way
+        # 2. defend: erase on the attacked prompt, retain the preserve prompts, through the trained text encoder
+        with soft_tokens(self.student, pos, tokens):
+            c_adv = encode_ids(self.student, ids)  # (B, T, d), grads to the trained layers
+        l_erase = erase_loss(self._unet(x_t, t, c_adv), eps_c, eps_u, self.eta)
+        c_p = encode_ids(self.student, batch["ids_p"])
+        l_ret = F.mse_loss(self._unet(x_p, batch["t_p"], c_p), eps_p)
+        loss = l_erase + self.alpha_retain * l_ret
+        self.log_dict({"train/loss": loss, "train/loss_erase": l_erase, "train/loss_pres": l_ret,
+                       "train/adv_attack_loss": torch.tensor(attack_loss)}, on_step=True, on_epoch=False, batch_size=B)
+        self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=B)
+        return loss
+
+
+@register("method", "advunlearn")
+class AdvUnlearnMethod(DenseDeltaMethod):
+    def build(self, components, cfg, datamodule):
+        return AdvUnlearnSystem(components, list(cfg.advunlearn.layers), cfg.loss.eta, cfg.loss.alpha_pres, cfg.optim.lr,
+                                cfg.adv), []

@@ -1,0 +1,75 @@
+"""make compare (issue 10) on the tiny model: every output, reuse of finished runs, bootstrap intervals."""
+
+import json
+import math
+
+import pytest
+from test_bench_run import tiny_suite  # noqa: F401 - the tiny suite (tiny CLIP zero-shot + CLIP score)
+from test_training import tiny_args
+
+from ace_lightning.compare import bootstrap, main, metric_on_rows, parse_args
+from ace_lightning.registry import ConfigError
+
+
+def test_compare_two_methods_writes_everything_and_reuses_runs(tiny_suite, tiny_model_dir, tmp_path):  # noqa: F811
+    out = tmp_path / "cmp"
+    # the quick tiny-model settings of the training tests, for every method
+    train = [f"train.{a}" for a in tiny_args(tiny_model_dir, tmp_path)[1:] if not a.startswith(("output_dir", "logger"))]
+    argv = [f"suite={tiny_suite}", "concept=dog", "methods=uce,ace_closed_form_only", f"model={tiny_model_dir}",
+            f"out={out}", "boot=50", "logger=none", "bench.threads=1", *train]
+    res = main(argv)
+    for f in ("compare.json", "compare.md", "compare.png", "grid.png", "bench/scores.jsonl"):
+        assert (out / f).is_file(), f
+    table = res["table"]
+    assert list(table) == ["base", "uce", "ace_closed_form_only"]
+    head = res["headline"]
+    for v, e in table.items():
+        x, (lo, hi) = e["metrics"][head], e["ci"][head]
+        assert math.isnan(x) or lo - 1e-9 <= x <= hi + 1e-9, (v, x, lo, hi)
+        if v != "base":
+            assert e["cost"]["cost/adapt_seconds"] > 0 and e["cost"]["cost/unet_backward_samples"] == 0
+    # the recomputed point numbers are the bench run's own
+    bench = json.loads((out / "bench" / "metrics.json").read_text())["results"]
+    assert table["uce"]["metrics"]["Acc_s"] == pytest.approx(bench["uce"]["bench/Acc_s"])
+    md = (out / "compare.md").read_text()
+    assert "| uce |" in md and "adapt s" in md and "make compare" in md
+    stamps = {m: (out / "runs" / m / "adapter.safetensors").stat().st_mtime_ns for m in ("uce", "ace_closed_form_only")}
+    main(argv)  # same config: nothing is retrained
+    assert {m: (out / "runs" / m / "adapter.safetensors").stat().st_mtime_ns for m in stamps} == stamps
+
+
+def _rows(n_prompts, seed=0):
+    """Erased prompts drawn right 30 % of the time, retained 80 %; 2 seeds per prompt."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for g, p in ((0, 0.3), (1, 0.8)):
+        for i in range(n_prompts):
+            for s in range(2):
+                hit = rng.random() < p
+                rows.append({"group": g, "index": g * 10_000 + i, "seed": s, "target": 0 if g == 0 else 1,
+                             "pred": (0 if g == 0 else 1) if hit else 2, "probs": [0.3, 0.3, 0.4]})
+    return rows
+
+
+def test_bootstrap_interval_contains_the_estimate_and_shrinks_with_more_prompts():
+    cfg = {"name": "identity_erasure"}
+    widths = []
+    for n in (20, 320):
+        rows = _rows(n)
+        point = metric_on_rows(cfg, rows)["H_c"]
+        lo, hi = bootstrap(cfg, rows, 300)["H_c"]
+        assert lo <= point <= hi
+        widths.append(hi - lo)
+    assert widths[1] < widths[0] / 2  # ~1/sqrt(16) of the width
+
+
+def test_compare_bad_keys():
+    with pytest.raises(ConfigError, match="unknown key 'stepz'"):
+        parse_args(["suite=x", "concept=y", "stepz=1"])
+    with pytest.raises(ConfigError, match="unknown method"):
+        parse_args(["suite=x", "concept=y", "methods=ace,nope"])
+    with pytest.raises(ConfigError, match="required"):
+        parse_args(["suite=x"])
+    assert parse_args(["suite=x", "concept=y", "esd_x.optim.lr=1e-3"]).per_method == {"esd_x": ["optim.lr=1e-3"]}
