@@ -44,18 +44,12 @@ def adapter_metadata(requests, base_model: str, fingerprint: str, targets, confi
 def save_adapter(path, bank: AdapterBank, requests, base_model: str, fingerprint: str, targets, config_yaml: str = "",
                  unet=None, method: str = "ace") -> Path:
     """Write a gated low-rank bank as safetensors (see :func:`adapter_metadata`)."""
-    from safetensors.torch import save_file
-
-    from ace_lightning.utils import atomic_save
-
     def fields(req):
         ad = bank[req.concept]
         return {"rank": ad.A.shape[0], "q": ad.Q.shape[1], "gated": bool(ad.gated)}
 
     meta = adapter_metadata(requests, base_model, fingerprint, targets, config_yaml, unet, method, "gated_lora", fields)
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in bank.state_dict().items()}
-    atomic_save(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
-    return Path(path)
+    return _write(path, bank.state_dict(), meta)
 
 
 DELTA_PARTS = ("unet", "text_encoder")  # the pipeline components a dense delta may touch
@@ -65,15 +59,20 @@ def save_deltas(path, deltas: dict[str, torch.Tensor], requests, base_model: str
                 config_yaml: str = "", unet=None, method: str = "esd_x") -> Path:
     """Write dense weight deltas ``{"<part>.<parameter name>": W_trained − W_base}`` (part: unet or
     text_encoder) as safetensors: only the changed weights, never a whole model."""
+    bad = [k for k in deltas if k.split(".", 1)[0] not in DELTA_PARTS]
+    if bad:
+        raise ValueError(f"delta names must start with one of {DELTA_PARTS}: {bad[:3]}")
+    return _write(path, deltas, adapter_metadata(requests, base_model, fingerprint, targets, config_yaml, unet, method,
+                                                  "delta"))
+
+
+def _write(path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Path:
+    """float32 tensors and string metadata to a safetensors file, atomically."""
     from safetensors.torch import save_file
 
     from ace_lightning.utils import atomic_save
 
-    bad = [k for k in deltas if k.split(".", 1)[0] not in DELTA_PARTS]
-    if bad:
-        raise ValueError(f"delta names must start with one of {DELTA_PARTS}: {bad[:3]}")
-    meta = adapter_metadata(requests, base_model, fingerprint, targets, config_yaml, unet, method, "delta")
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in deltas.items()}
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
     atomic_save(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return Path(path)
 
@@ -137,7 +136,11 @@ def check_compatible(unet, path, meta: dict | None = None) -> dict:
 
 def load_into(unet, path, check_fingerprint: bool = True) -> AdapterBank:
     """Inject an adapter file into ``unet`` (which must carry none)."""
-    tensors, meta = read_adapter(path)
+    return _inject(unet, path, *read_adapter(path), check_fingerprint=check_fingerprint)
+
+
+def _inject(unet, path, tensors: dict[str, torch.Tensor], meta: dict, check_fingerprint: bool = True) -> AdapterBank:
+    """:func:`load_into` for a file already read."""
     if meta.get("kind", "gated_lora") != "gated_lora":
         raise AdapterError(f"{path} holds {meta.get('method')} dense deltas, not gated factors: use apply_adapter(pipe, path)")
     if check_fingerprint:
@@ -166,12 +169,12 @@ def apply_adapter(pipe, path):
     mismatching base model and leaves the pipeline untouched on any error."""
     if carries_adapter(pipe.unet):
         raise AdapterError("this pipeline already carries an ACE adapter; call remove_adapter(pipe) first")
-    tensors, meta = read_adapter(path)
+    tensors, meta = read_adapter(path)  # read (and checked for NaN / Inf) once
     if meta.get("kind", "gated_lora") == "delta":
         check_compatible(pipe.unet, path, meta)
         _apply_deltas(pipe, path, tensors)
     else:
-        load_into(pipe.unet, path)
+        _inject(pipe.unet, path, tensors, meta)
     return pipe
 
 

@@ -36,6 +36,7 @@ from ace_lightning.utils import (
     check_writable,
     open_wandb_run,
     quiet_known_notices,
+    run_cli,
     say,
 )
 
@@ -140,18 +141,7 @@ def run(cfg) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     """The command line: user errors (config, missing model, bad adapter, existing run, missing files) print one
     line and exit 2; ``ACE_DEBUG=1`` shows the traceback instead."""
-    from ace_lightning.export import AdapterError
-    from ace_lightning.models.loading import ModelNotFoundError
-
-    try:
-        cfg = load_config(sys.argv[1:] if argv is None else argv)
-        return run(cfg)
-    except (ConfigError, ModelNotFoundError, AdapterError, FileNotFoundError) as e:
-        if os.environ.get("ACE_DEBUG"):
-            raise
-        what = "config error" if isinstance(e, ConfigError) else "error"
-        print(f"{what}: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    return run_cli(lambda: run(load_config(sys.argv[1:] if argv is None else argv)), config_label="config error")
 
 
 if __name__ == "__main__":

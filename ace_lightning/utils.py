@@ -134,20 +134,19 @@ def open_wandb_run(project: str, name: str, save_dir: str | os.PathLike, run_id:
     return run
 
 
-def run_cli(main) -> None:
-    """Call ``main()``; user errors (config, missing model or weights, bad adapter, missing files) print one line
-    and exit 2; ``ACE_DEBUG=1`` shows the traceback instead."""
+def run_cli(main, config_label: str = "error"):
+    """Return ``main()``; user errors print one line and exit 2: config errors (prefixed ``config_label``), bad
+    adapters and anything missing (``FileNotFoundError``: model directories, scorer weights, checkpoints, files).
+    ``ACE_DEBUG=1`` shows the traceback instead."""
     import sys
 
-    from ace_lightning.bench.scorers import ScorerWeightsError
     from ace_lightning.export import AdapterError
-    from ace_lightning.models.loading import ModelNotFoundError
     from ace_lightning.registry import ConfigError
 
     try:
-        main()
-    except (ConfigError, ModelNotFoundError, AdapterError, ScorerWeightsError, FileNotFoundError) as e:
+        return main()
+    except (ConfigError, AdapterError, FileNotFoundError) as e:
         if os.environ.get("ACE_DEBUG"):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{config_label if isinstance(e, ConfigError) else 'error'}: {e}", file=sys.stderr)
         raise SystemExit(2) from None

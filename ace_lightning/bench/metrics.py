@@ -64,6 +64,11 @@ def h_c(acc_e: float, acc_s: float) -> float:
     return harmonic([1.0 - acc_e, acc_s])
 
 
+def _forms(count: torch.Tensor) -> list[tuple[str, int]]:
+    """(name suffix, group offset): the plain prompts, and the modifier prompts where the suite has them."""
+    return [("", 0)] + ([("_mod", MOD)] if float(count[MOD:].sum()) > 0 else [])
+
+
 def _ratio(num: torch.Tensor, den: torch.Tensor) -> float:
     return float(num / den) if float(den) > 0 else float("nan")
 
@@ -95,10 +100,6 @@ class _GroupSums(Metric):
     def _acc(self, g: int) -> tuple[float, float]:
         return _ratio(self.hits[g], self.count[g]), _ratio(self.prob[g], self.count[g])
 
-    def _forms(self) -> list[tuple[str, int]]:
-        """(name suffix, group offset): the plain prompts, and the modifier prompts where the suite has them."""
-        return [("", 0)] + ([("_mod", MOD)] if float(self.count[MOD:].sum()) > 0 else [])
-
 
 @register("bench_metric", "object_erasure")
 class ObjectErasure(_GroupSums):
@@ -108,7 +109,7 @@ class ObjectErasure(_GroupSums):
 
     def compute(self) -> dict[str, float]:
         out = {}
-        for mod, o in self._forms():
+        for mod, o in _forms(self.count):
             for suffix, k in (("", 0), ("_prob", 1)):
                 e, s, g = self._acc(ERASED + o)[k], self._acc(RETAINED + o)[k], self._acc(SYNONYM + o)[k]
                 sfx = mod + suffix
@@ -123,7 +124,7 @@ class IdentityErasure(_GroupSums):
 
     def compute(self) -> dict[str, float]:
         out = {}
-        for mod, o in self._forms():
+        for mod, o in _forms(self.count):
             for suffix, k in (("", 0), ("_prob", 1)):
                 e, s = self._acc(ERASED + o)[k], self._acc(RETAINED + o)[k]
                 out.update({f"Acc_e{mod}{suffix}": e, f"Acc_s{mod}{suffix}": s, f"H_c{mod}{suffix}": h_c(e, s)})
@@ -148,8 +149,7 @@ class StyleErasure(Metric):
 
     def compute(self) -> dict[str, float]:
         out = {}
-        forms = [("", 0)] + ([("_mod", MOD)] if float(self.count[MOD:].sum()) > 0 else [])
-        for mod, o in forms:
+        for mod, o in _forms(self.count):
             cs_e, cs_s, cs_g = (_ratio(self.total[g + o], self.count[g + o]) for g in (ERASED, RETAINED, SYNONYM))
             out.update({f"CS_e{mod}": cs_e, f"CS_s{mod}": cs_s, f"CS_g{mod}": cs_g, f"H_a{mod}": cs_s - cs_e})
         out["n_images"] = float(self.count[:3].sum() + self.count[MOD:].sum())

@@ -9,8 +9,6 @@ from ace_lightning.registry import register
 class AceMethod:
     """The ACE system (``systems/erasure.py``) with the closed-form setup callback."""
 
-    label = "ace"
-
     def __init__(self) -> None:
         self.closed_form = None
 

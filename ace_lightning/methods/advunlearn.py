@@ -24,7 +24,6 @@ from ace_lightning.method.losses import erase_loss
 from ace_lightning.method.text import encode_ids, soft_tokens
 from ace_lightning.methods.deltas import DenseDeltaMethod, DenseDeltaSystem
 from ace_lightning.registry import build, register
-from ace_lightning.systems.erasure import training_noise_scheduler
 
 
 def text_layer_names(text_encoder: torch.nn.Module, layers: list[int]) -> list[str]:
@@ -42,25 +41,8 @@ def text_layer_names(text_encoder: torch.nn.Module, layers: list[int]) -> list[s
 
 class AdvUnlearnSystem(DenseDeltaSystem):
     def __init__(self, components, layers: list[int], eta: float, alpha_retain: float, lr: float, adv_cfg):
-        te = components.text_encoder
-        super().__init__("text_encoder", te, text_layer_names(te, list(layers)))
-        object.__setattr__(self, "components", components)
-        object.__setattr__(self, "unet", components.unet)
-        object.__setattr__(self, "frozen_te", te)
-        self.noise_scheduler = training_noise_scheduler(components.scheduler)
+        super().__init__(components, "text_encoder", text_layer_names(components.text_encoder, list(layers)))
         self.eta, self.alpha_retain, self.lr, self.adv = eta, alpha_retain, lr, adv_cfg
-        self.register_buffer("uncond", torch.zeros(0), persistent=False)
-
-    def setup(self, stage: str) -> None:
-        from ace_lightning.method.text import encode_prompts
-
-        self.unet.to(self.device).requires_grad_(False)
-        self.frozen_te.to(self.device).requires_grad_(False)
-        emb, _ = encode_prompts(self.frozen_te, self.components.tokenizer, [""])  # (1, T, d)
-        self.uncond = emb.to(self.device)
-
-    def _unet(self, x, t, c):
-        return self.unet(x.to(self.unet.dtype), t, encoder_hidden_states=c.to(self.unet.dtype)).sample.float()
 
     def training_step(self, batch, batch_idx):
         sch = self.noise_scheduler

@@ -1,5 +1,6 @@
 """What the dense-weight methods (ESD, AdvUnlearn) share: a trainable copy of one pipeline part next to the frozen
-original, checkpoints that hold only the trained weights, and an adapter file of their deltas."""
+model, the unconditional embedding ε(x_t, ∅) needs, checkpoints that hold only the trained weights, and an adapter
+file of their deltas."""
 
 from __future__ import annotations
 
@@ -8,22 +9,42 @@ import copy
 import lightning as L
 import torch
 
+from ace_lightning.systems.erasure import training_noise_scheduler
+
 
 class DenseDeltaSystem(L.LightningModule):
-    """``student``: a float32 copy of ``frozen`` (the pipeline's ``part``: unet or text_encoder) in which only the
-    weights named in ``trained`` learn; ``frozen`` stays outside the module (never trained, never saved)."""
+    """``student``: a float32 copy of the pipeline's ``part`` (unet or text_encoder) in which only the weights named in
+    ``trained`` learn. The frozen ``unet`` and ``text_encoder`` stay outside the module (never trained, never saved);
+    ``uncond`` is the frozen text encoder's embedding of the empty prompt (1, T, d)."""
 
-    def __init__(self, part: str, frozen: torch.nn.Module, trained: list[str]):
+    def __init__(self, components, part: str, trained: list[str]):
         super().__init__()
-        object.__setattr__(self, "frozen_part", frozen)
+        object.__setattr__(self, "components", components)
+        object.__setattr__(self, "unet", components.unet)
+        object.__setattr__(self, "text_encoder", components.text_encoder)
+        object.__setattr__(self, "frozen_part", getattr(components, part))
+        self.noise_scheduler = training_noise_scheduler(components.scheduler)
         self.part = part
-        self.student = copy.deepcopy(frozen).float()
+        self.student = copy.deepcopy(self.frozen_part).float()
         self.student.train()  # (dropout is whatever the model config says)
         self.trained = list(trained)
         keep = set(self.trained)
         for n, p in self.student.named_parameters():
             p.requires_grad_(n in keep)
         self.strict_loading = False  # checkpoints hold only the trained weights
+        self.register_buffer("uncond", torch.zeros(0), persistent=False)
+
+    def setup(self, stage: str) -> None:
+        from ace_lightning.method.text import encode_prompts
+
+        self.unet.to(self.device).requires_grad_(False)
+        self.text_encoder.to(self.device).requires_grad_(False)
+        emb, _ = encode_prompts(self.text_encoder, self.components.tokenizer, [""])  # (1, T, d)
+        self.uncond = emb.to(self.device)
+
+    def _unet(self, x, t, c):
+        """The frozen UNet's float32 prediction (inputs cast to its dtype)."""
+        return self.unet(x.to(self.unet.dtype), t, encoder_hidden_states=c.to(self.unet.dtype)).sample.float()
 
     def configure_optimizers(self):
         return torch.optim.Adam([p for p in self.student.parameters() if p.requires_grad], lr=self.lr)

@@ -16,7 +16,6 @@ import torch
 from ace_lightning.method.losses import erase_loss
 from ace_lightning.methods.deltas import DenseDeltaMethod, DenseDeltaSystem
 from ace_lightning.registry import register
-from ace_lightning.systems.erasure import training_noise_scheduler
 
 EXCLUDED_U = ("time_embedding.", "conv_out.", "conv_norm_out.")  # ESD's "noxattn" leaves these (and attn2) alone
 
@@ -40,31 +39,16 @@ class EsdSystem(DenseDeltaSystem):
     """A trainable copy of the UNet (``student``) against the frozen one; only the selected weights train."""
 
     def __init__(self, components, which: str, eta: float, lr: float):
-        super().__init__("unet", components.unet, esd_parameter_names(components.unet, which))
-        object.__setattr__(self, "components", components)
-        object.__setattr__(self, "frozen", components.unet)
-        object.__setattr__(self, "text_encoder", components.text_encoder)
-        self.noise_scheduler = training_noise_scheduler(components.scheduler)
+        super().__init__(components, "unet", esd_parameter_names(components.unet, which))
         self.eta, self.lr = eta, lr
-        self.register_buffer("uncond", torch.zeros(0), persistent=False)
-
-    def setup(self, stage: str) -> None:
-        from ace_lightning.method.text import encode_prompts
-
-        self.frozen.to(self.device).requires_grad_(False)
-        self.text_encoder.to(self.device)
-        emb, _ = encode_prompts(self.text_encoder, self.components.tokenizer, [""])  # (1, T, d): ε(x_t, ∅)
-        self.uncond = emb.to(self.device)
 
     def training_step(self, batch, batch_idx):
         x_t = self.noise_scheduler.add_noise(batch["x0"], batch["noise"], batch["t"])  # (B, c, h, w)
         emb, t = batch["emb"], batch["t"]
         B = x_t.shape[0]
-        dt = self.frozen.dtype
-        with torch.no_grad():
-            frozen = self.frozen(torch.cat([x_t, x_t]).to(dt), torch.cat([t, t]),
-                                 encoder_hidden_states=torch.cat([emb, self.uncond.expand(B, -1, -1)]).to(dt)).sample
-        eps_c, eps_u = frozen.float().split([B, B])
+        with torch.no_grad():  # frozen ε(x_t, c), ε(x_t, ∅)
+            eps_c, eps_u = self._unet(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                      torch.cat([emb, self.uncond.expand(B, -1, -1)])).split([B, B])
         pred = self.student(x_t, t, encoder_hidden_states=emb).sample
         loss = erase_loss(pred, eps_c, eps_u, self.eta)
         self.log("train/loss_erase", loss, on_step=True, on_epoch=False, batch_size=B)
