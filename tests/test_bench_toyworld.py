@@ -99,7 +99,9 @@ def test_toy_suite_end_to_end(suite, tmp_path, request):
         assert _strip(res) == erased_r  # the last variant is the returned (primary) one
         assert {k: erased_r[k] for k in ERASED} == pytest.approx(ERASED, abs=0.5)
         for k in ("Acc_e_prob", "Acc_g_prob", "clip/Acc_e_prob", "clip/Acc_g_prob"):
-            assert erased_r[k] < 5.0, (k, erased_r[k])  # from > 95 on the base model
+            # from > 95 on the base model; < 5 before the gates were fitted (issue 8), 8.1 / 7.8 since: the fitted
+            # gate passes less of this closed-form-only edit, the argmax shares above are still 0
+            assert erased_r[k] < 10.0, (k, erased_r[k])
         assert erased_r["Acc_s_prob"] > 95.0 and erased_r["clip/Acc_s_prob"] > 90.0
         assert len(list((tmp_path / "images" / "circle").glob("*.png"))) == 8
         mod = {f"{k}_mod": v for k, v in ERASED.items()}  # with colour / style words too (measured)

@@ -60,3 +60,34 @@ def test_calibrate_bounds_gamma_when_quantiles_coincide():
     spread = float(torch.cat([s_t, s_p]).std())
     gates = torch.sigmoid(gamma * torch.tensor([-0.05 * spread, 0.05 * spread]))
     assert ((gates > 0.01) & (gates < 0.99)).all(), gates
+
+
+def test_fit_gate_shuts_hard_negatives_that_calibration_lets_through():
+    """A few negatives (0.8 %) share the targets' main direction and differ only in a weaker one: with the targets'
+    top direction, calibrated at the 99th percentile of all negatives, the gate opens on them; fitted against its
+    hardest negatives it shuts on held-out ones of the same kind and stays open on held-out targets."""
+    from ace_lightning.method import gate as G
+
+    g = torch.Generator().manual_seed(0)
+    d = 16
+    e1, e2 = torch.eye(d)[0], torch.eye(d)[1]
+
+    def cloud(centre, n):  # (d, n)
+        return (centre[:, None] + 0.08 * torch.randn(d, n, generator=g))
+
+    C, C_test = cloud(e1 + 0.5 * e2, 64), cloud(e1 + 0.5 * e2, 64)  # targets
+    H, H_test = cloud(e1 + 0.1 * e2, 40), cloud(e1 + 0.1 * e2, 64)  # hard negatives: same e1, less e2
+    P = torch.cat([torch.randn(d, 5000, generator=g), H], 1)
+    Q = G.gate_directions(C, 1)  # (d, 1)
+    gamma, tau = G.calibrate(G.scores(Q, C), G.scores(Q, P))
+
+    def gate(Q, gamma, tau, X):  # (n,) gate values of columns X
+        return torch.sigmoid(gamma * (G.scores(Q, X) - tau))
+
+    assert (gate(Q, gamma, tau, H_test) > 0.5).float().mean() > 0.5  # calibration lets them through
+    Qf, gf, tf = G.fit_gate(Q, gamma, tau, C, P, steps=600, hard_k=64, sample_k=1024)
+    assert gf == 1.0 and Qf.shape == Q.shape
+    assert (gate(Qf, gf, tf, H_test) > 0.5).float().mean() <= 0.05
+    assert (gate(Qf, gf, tf, C_test) > 0.5).float().mean() >= 0.95
+    assert (gate(Qf, gf, tf, torch.randn(d, 2000, generator=g)) > 0.5).float().mean() <= 0.01
+    assert G.fit_gate(Q, gamma, tau, C, P, steps=0) == (Q, gamma, tau)  # 0 steps: the calibration as it was

@@ -14,12 +14,14 @@ from ace_lightning.registry import lookup
 
 
 def initialize_bank(bank: AdapterBank, weights: dict[str, torch.Tensor], concepts, P: torch.Tensor, cf, acfg,
-                    P_gate: torch.Tensor | None = None) -> dict:
+                    P_gate: torch.Tensor | None = None, hard_negatives=None) -> dict:
     """Fill ``bank`` with one gated adapter per concept (``concepts``: ConceptData list). Returns stats.
 
     ``P`` (d, m): preserve tokens of the closed form; ``P_gate``: those the gate is calibrated to stay shut on
     (default ``P``). ``cf``: closed-form settings (enabled, lam, s_e, s_p); ``acfg``: adapter settings (rank, gate_q,
-    gate_project_out, gate_target, ungated). One factorisation of M serves every concept.
+    gate_project_out, gate_target, gate_fit_steps, ungated). ``hard_negatives(concept_data, score)`` -> (d, n): more
+    negatives for fitting that concept's gate, chosen with its calibrated score (the DataModule's
+    ``hard_negatives``). One factorisation of M serves every concept.
     """
     t0 = time.perf_counter()
     d = P.shape[0]
@@ -51,6 +53,12 @@ def initialize_bank(bank: AdapterBank, weights: dict[str, torch.Tensor], concept
             s_t, s_p = G.scores(ad.Q, cd.C), G.scores(ad.Q, P_hat, unit=True)
             # calibrated even when ungated (unused then: that gate is exactly 1), so a file can be re-gated
             gamma, tau = G.calibrate(s_t, s_p, target_gate=acfg.gate_target)
+            if getattr(acfg, "gate_fit_steps", 0) and not acfg.ungated:
+                pos = cd.C if cd.gate_pos is None else torch.cat([cd.C, cd.gate_pos], 1)  # (d, n + n_g)
+                neg = P_gate if hard_negatives is None else torch.cat(
+                    [P_gate, hard_negatives(cd, lambda X, Q=ad.Q: G.scores(Q, X.T))], 1)  # (d, m + n_h)
+                Qf, gamma, tau = G.fit_gate(ad.Q, gamma, tau, pos, neg, steps=acfg.gate_fit_steps, seed=i)
+                ad.Q = Qf.contiguous()
             ad.gamma.fill_(gamma)
             ad.tau.fill_(tau)
             g_pres = ad.gate(P_gate.T)  # (m',)
@@ -83,7 +91,8 @@ class ClosedFormInit(L.Callback):
         from ace_lightning.method.adapter import base_weights
 
         weights = base_weights(pl_module.unet, self.acfg.targets)
-        self.stats = initialize_bank(pl_module.bank, weights, dm.concepts, dm.P, self.cf, self.acfg, dm.P_gate)
+        self.stats = initialize_bank(pl_module.bank, weights, dm.concepts, dm.P, self.cf, self.acfg, dm.P_gate,
+                                     dm.hard_negatives)
         from ace_lightning.utils import say
 
         what = "closed form" if self.cf.enabled else "LoRA-style init (closed form off)"

@@ -27,6 +27,7 @@ from ace_lightning.data.prompts import (
     candidate_words,
     erase_prompts,
     family,
+    fill_template,
     known_words,
     mine_neighbours,
     preserve_prompts,
@@ -61,6 +62,7 @@ class ConceptData:
     latents: torch.Tensor  # (L, c, h, w) frozen-model x_0 for the concept's prompts
     ids: torch.Tensor  # (n, T) token ids of the erase prompts (for the soft-prompt attack)
     span: torch.Tensor  # (n, 2) [start, end) of the phrase in each erase prompt
+    gate_pos: torch.Tensor | None = None  # (d, n_g) target tokens of further erase prompts (gate positives, with C)
 
 
 def pad_sample(nonpad: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
@@ -145,6 +147,7 @@ class ErasureDataModule(L.LightningDataModule):
         self.timesteps = build("timesteps", cfg.timesteps)
         self.num_train_timesteps = components.scheduler.config.num_train_timesteps
         self.concepts: list[ConceptData] = []
+        self.hard_words: dict[str, list[str]] = {}  # concept -> its gate's hardest vocabulary words
         self._ready = False
 
     # -- setup -------------------------------------------------------------------------------------
@@ -182,6 +185,8 @@ class ErasureDataModule(L.LightningDataModule):
             v_emb, v_ids = encode_prompts(c.text_encoder, tok, vocabulary_prompts(self.vocab, self.seed))  # (n, T, d)
             v_nonpad = token_mask(v_ids, tok.eos_token_id)  # (n, T)
             self.P_vocab = v_emb[v_nonpad].T.contiguous()  # (d, n_v)
+            n_w = len(self.vocab)  # the first n_w vocabulary prompts are "a {w}": each word's last token there
+            self.word_tokens = v_emb[torch.arange(n_w), v_nonpad[:n_w].sum(1) - 2]  # (n_w, d)
             # the gate also sees 8 random padding positions of every vocabulary prompt: pads carry the prompt's
             # words through the causal encoder (measured: without them the gate fired on the pads of "a square"
             # after erasing "circle")
@@ -189,6 +194,7 @@ class ErasureDataModule(L.LightningDataModule):
             self.P_vocab_gate = v_emb[v_gate].T.contiguous()  # (d, n_vg)
         else:
             self.P_vocab = self.P_vocab_gate = torch.zeros(self.preserve_emb.shape[-1], 0)
+            self.word_tokens = torch.zeros(0, self.preserve_emb.shape[-1])
         self.P = torch.cat([self.preserve_emb[nonpad].T, self.P_vocab], 1).contiguous()  # (d, tokens): spec's P
         # the gate must stay shut on every token the UNet attends to, padding included (padding EOS tokens
         # carry the prompt's content through the causal encoder): measured to fire on all pads otherwise
@@ -196,7 +202,8 @@ class ErasureDataModule(L.LightningDataModule):
         if cfg.gate_preserve_tokens not in masks:
             raise ConfigError(f"data.gate_preserve_tokens must be one of {sorted(masks)}, got {cfg.gate_preserve_tokens!r}")
         self.preserve_mask = masks[cfg.gate_preserve_tokens]
-        self.P_gate = torch.cat([self.preserve_emb[self.preserve_mask].T, self.P_vocab_gate], 1).contiguous()  # (d, tok.)
+        self.P_ctx = self._context_negatives()  # (d, n_ctx)
+        self.P_gate = torch.cat([self.preserve_emb[self.preserve_mask].T, self.P_vocab_gate, self.P_ctx], 1).contiguous()
         say(f"preservation: {len(self.vocab)} vocabulary words and {len(self.preserve_prompts)} preserve prompts "
             f"encoded, {self.P.shape[1]} tokens ({time.perf_counter() - t0:.1f} s)")
 
@@ -219,6 +226,65 @@ class ErasureDataModule(L.LightningDataModule):
         self.setup_seconds = time.perf_counter() - t_setup  # data preparation: mining, encoding, latents
         self._ready = True
 
+    def _context_negatives(self) -> torch.Tensor:
+        """(d, n) the gate's negatives in the erase prompts' own contexts: ``data.gate_prompts`` prompts per kind
+        of the family's templates with a vocabulary word where the concept goes ("a photo of a {w}"), all their
+        non-pad tokens and 8 random pads each. Without them the only negatives in those contexts would be the 160
+        preserve prompts, and a gate could learn the template instead of the word."""
+        c, cfg = self.components, self.cfg
+        d = self.preserve_emb.shape[-1]
+        if cfg.gate_prompts <= 0 or not self.vocab:
+            return torch.zeros(d, 0)
+        rng = random.Random(f"{self.seed}/context-negatives")
+        prompts = []
+        for kind in sorted({r.kind for r in self.requests}):
+            for _ in range(cfg.gate_prompts):
+                t = rng.choice(self.fam.templates[kind])
+                prompts.append(fill_template(t, rng.choice(self.vocab), self.fam.fields, rng))
+        emb, ids = encode_prompts(c.text_encoder, c.tokenizer, prompts)  # (n, T, d)
+        nonpad = token_mask(ids, c.tokenizer.eos_token_id)
+        return emb[nonpad | pad_sample(nonpad, 8, self.seed + 1)].T.contiguous()
+
+    def hard_negatives(self, cd: ConceptData, score) -> torch.Tensor:
+        """(d, n) the gate's hardest negatives for one concept: the ``data.gate_hard_words`` vocabulary words that
+        ``score`` (its calibrated gate's score, (n, d) -> (n,)) rates highest in "a {w}", each in
+        ``data.gate_hard_contexts`` prompts of the concept's erase templates and modifiers (the contexts its
+        positives come from): all their non-pad tokens and 8 random pads each. The words are recorded in
+        ``hard_words`` (prompts.json). Found by the model's own confusion, not by a list: on ToyWorld the
+        'heart' gate's top words were box, square, block, circle, red, green, ring, ... A gate fitted against the
+        word alone ("a circle") still fired on it after two held-out modifiers ('heart' on "a photo of a red
+        striped circle": 0.75 of the colour/style pairs)."""
+        c, cfg = self.components, self.cfg
+        k = min(cfg.gate_hard_words, len(self.vocab))
+        if k <= 0:
+            return torch.zeros(self.word_tokens.shape[1], 0)
+        # never the last piece of an erased phrase ("form" of "cruciform", "agram" of "pentagram"): that token is
+        # a target (measured: with it a negative, 'cross' stayed in 0.42 of its synonym prompts)
+        pieces = {tok_str[:-4] if tok_str.endswith("</w>") else tok_str
+                  for o in self.concepts for ph in o.request.phrases + [w for w, _ in o.neighbours]
+                  for tok_str in c.tokenizer.convert_ids_to_tokens(phrase_ids(c.tokenizer, ph)[-1:])}
+        order = score(self.word_tokens).argsort(descending=True).tolist()
+        words = [self.vocab[i] for i in order if self.vocab[i] not in pieces][:k]
+        self.hard_words[cd.request.concept] = words
+        rng = random.Random(f"{self.seed}/hard-negatives/{cd.request.concept}")
+        prompts = [fill_template(rng.choice(self.fam.templates[cd.request.kind]), w, self.fam.fields, rng)
+                   for w in words for _ in range(cfg.gate_hard_contexts)]
+        emb, ids = encode_prompts(c.text_encoder, c.tokenizer, prompts)  # (n, T, d)
+        nonpad = token_mask(ids, c.tokenizer.eos_token_id)
+        return emb[nonpad | pad_sample(nonpad, 8, self.seed + 2)].T.contiguous()
+
+    def _gate_positives(self, req: ErasureRequest, phrases: list[str]) -> torch.Tensor:
+        """(d, n) the policy's target tokens of ``data.gate_prompts`` further erase prompts (other template and
+        modifier draws than the training prompts): text-encoder passes only, no latents."""
+        c, cfg = self.components, self.cfg
+        if cfg.gate_prompts <= 0:
+            return torch.zeros(self.preserve_emb.shape[-1], 0)
+        triples = erase_prompts(req, phrases, self.fam, cfg.gate_prompts, self.seed + 7919)
+        emb, _ = encode_prompts(c.text_encoder, c.tokenizer, [p for p, _, _ in triples])
+        cols = [emb[i, paired_positions(c.tokenizer, p, ph, neu, req.neutral, cfg.token_policy)[0]]
+                for i, (p, ph, neu) in enumerate(triples)]
+        return torch.cat(cols).T.contiguous()
+
     def _concept(self, req: ErasureRequest, nb: list, latents: LatentCache, pipe) -> ConceptData:
         c, cfg = self.components, self.cfg
         triples = erase_prompts(req, req.phrases + [w for w, _ in nb], self.fam, cfg.prompts_per_concept, self.seed)
@@ -237,7 +303,8 @@ class ErasureDataModule(L.LightningDataModule):
         lat_prompts = [prompts[canon[i % len(canon)]] for i in range(cfg.latents_per_concept)]
         x0 = latents.get(pipe, lat_prompts, [self.seed * 104729 + i for i in range(len(lat_prompts))])
         return ConceptData(req, prompts, phrases, neutrals, nb, emb, emb_neu, mask,
-                           torch.cat(cols_c).T.contiguous(), torch.cat(cols_n).T.contiguous(), x0, ids, span)
+                           torch.cat(cols_c).T.contiguous(), torch.cat(cols_n).T.contiguous(), x0, ids, span,
+                           self._gate_positives(req, req.phrases + [w for w, _ in nb]))
 
     @torch.no_grad()
     def heldout_gate_rates(self, bank, threshold: float = 0.5) -> dict[str, float]:
@@ -275,6 +342,7 @@ class ErasureDataModule(L.LightningDataModule):
             "concepts": [{
                 "concept": cd.request.concept, "kind": cd.request.kind, "neutral": cd.request.neutral,
                 "synonyms": list(cd.request.synonyms),
+                "gate_hard_words": self.hard_words.get(cd.request.concept, []),
                 "neighbours": [{"word": w, **sc} for w, sc in cd.neighbours],
                 "prompts": [{"prompt": p, "phrase": ph, "neutral_prompt": n}
                             for p, ph, n in zip(cd.prompts, cd.phrases, cd.neutral_prompts)],

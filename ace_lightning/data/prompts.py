@@ -89,7 +89,7 @@ def family(name: str, vocab: list[str], seed: int = 0) -> TemplateFamily:
     return lookup("template_family", name)(vocab, seed)
 
 
-def _fill(template: str, phrase: str, fields: dict[str, list[str]], rng: random.Random) -> str:
+def fill_template(template: str, phrase: str, fields: dict[str, list[str]], rng: random.Random) -> str:
     vals = {k: rng.choice(v) for k, v in fields.items() if "{" + k + "}" in template}
     return template.replace("{}", "\x00").format(**vals).replace("\x00", phrase)
 
@@ -104,9 +104,9 @@ def erase_prompts(req: ErasureRequest, phrases: list[str], fam: TemplateFamily, 
         phrase = phrases[i % len(phrases)]  # cycle phrases so every synonym is covered
         t = rng.choice(templates)
         state = rng.getstate()
-        p = _fill(t, phrase, fam.fields, rng)
+        p = fill_template(t, phrase, fam.fields, rng)
         rng.setstate(state)  # same slot values for the neutral prompt
-        out.append((p, phrase, _fill(t, req.neutral, fam.fields, rng)))
+        out.append((p, phrase, fill_template(t, req.neutral, fam.fields, rng)))
     return out
 
 
@@ -121,7 +121,7 @@ def preserve_prompts(requests: list[ErasureRequest], fam: TemplateFamily, n: int
     prompt that mentions an erased phrase (``erased``: the requests' phrases and mined neighbours)."""
     erased = list(erased or [p for r in requests for p in r.phrases])
     rng = random.Random(f"{seed}/preserve")
-    extra = [_fill(rng.choice(fam.templates[r.kind]), p, fam.fields, rng) for r in requests for p in r.preserve]
+    extra = [fill_template(rng.choice(fam.templates[r.kind]), p, fam.fields, rng) for r in requests for p in r.preserve]
     pool = [p for p in fam.preserve_pool if not mentions(p, erased)]
     rng.shuffle(pool)
     return extra + pool[: max(0, n - len(extra))]
