@@ -296,6 +296,26 @@ def method_grid(bench_dir: Path, scores: list[dict], variants: list[str], path: 
     return path
 
 
+def drop_stale_images(bench_dir: Path, runs: dict[str, Path]) -> list[str]:
+    """Delete the bench images of every method whose adapter file is not the one they were generated with (it was
+    retrained since): compare owns its bench folder, and the bench refuses to mix settings in a folder. Returns the
+    methods whose images were dropped; the others are reused."""
+    import shutil
+
+    from ace_lightning.bench.scorers import file_digest
+    from ace_lightning.utils import say
+
+    dropped = []
+    for m, run in runs.items():
+        gen = bench_dir / "images" / m / "generation.json"
+        if gen.is_file() and json.loads(gen.read_text()).get("adapter_sha256") != file_digest(run / "adapter.safetensors"):
+            shutil.rmtree(gen.parent)
+            dropped.append(m)
+    if dropped:
+        say(f"{', '.join(dropped)}: adapter changed since the last comparison, their images are generated again")
+    return dropped
+
+
 def main(argv: list[str] | None = None) -> dict:
     from ace_lightning.bench.run import main as bench_main
     from ace_lightning.method.adapter import slug
@@ -316,6 +336,7 @@ def main(argv: list[str] | None = None) -> dict:
     say(f"generating and scoring {len(runs)} methods + base on {cfg.suite} ...")
     adapters = ",".join(str(r / "adapter.safetensors") for r in runs.values())
     bench_dir = out / "bench"
+    drop_stale_images(bench_dir, runs)
     bench_main([f"suite={cfg.suite}", f"adapter={adapters}", f"out={bench_dir}", "run=compare", "logger=none",
                 f"devices={cfg.devices}", *([f"model={cfg.model}"] if cfg.model else []), *cfg.bench])
     settings = json.loads((bench_dir / "metrics.json").read_text())["settings"]

@@ -36,6 +36,16 @@ def test_compare_two_methods_writes_everything_and_reuses_runs(tiny_suite, tiny_
     stamps = {m: (out / "runs" / m / "adapter.safetensors").stat().st_mtime_ns for m in ("uce", "ace_closed_form_only")}
     main(argv)  # same config: nothing is retrained
     assert {m: (out / "runs" / m / "adapter.safetensors").stat().st_mtime_ns for m in stamps} == stamps
+    # a method whose config changed is retrained, and its stale images are regenerated (it used to stop the
+    # bench: "holds images generated with other settings"); the unchanged method keeps its images
+    kept = (out / "bench" / "images" / "ace_closed_form_only" / "generation.json").read_text()
+    res2 = main([*argv, "uce.closed_form.lam=0.2"])
+    gen = json.loads((out / "bench" / "images" / "uce" / "generation.json").read_text())
+    from ace_lightning.bench.scorers import file_digest
+
+    assert gen["adapter_sha256"] == file_digest(out / "runs" / "uce" / "adapter.safetensors")
+    assert (out / "bench" / "images" / "ace_closed_form_only" / "generation.json").read_text() == kept
+    assert list(res2["table"]) == ["base", "uce", "ace_closed_form_only"]
 
 
 def _rows(n_prompts, seed=0):

@@ -69,7 +69,9 @@ def test_generic_recipe_erases_shapes_keeps_the_others(tmp_path, toyworld_cache,
 
 
 def test_erase_style_keeps_other_styles(tmp_path, toyworld_cache):
-    """A style shares its token direction with every other style word: erasing one must not flatten the rest."""
+    """A style shares its token direction with every other style word: erasing one must not flatten the rest.
+    With the generic recipe (no ToyWorld words): before the gates were fitted it kept the other styles at 0.69 with
+    modifiers (docs/BENCHMARKS.md), so this test used the ToyWorld recipe."""
     from ace_lightning import apply_adapter
     from ace_lightning.config import load_config
     from ace_lightning.models.loading import load_components
@@ -79,8 +81,10 @@ def test_erase_style_keeps_other_styles(tmp_path, toyworld_cache):
     from ace_lightning.train import run
 
     erased, shapes = "dotted", list(SHAPES)
-    run(load_config([f"concept={erased}", "experiment=toyworld_recipe", f"output_dir={tmp_path}", f"data.cache_dir={toyworld_cache}",
-                     "logger.wandb=false", "grid.enabled=false", "trainer.enable_progress_bar=false"]))
+    cfg = load_config([f"concept={erased}", f"output_dir={tmp_path}", f"data.cache_dir={toyworld_cache}",
+                       "logger.wandb=false", "grid.enabled=false", "trainer.enable_progress_bar=false"])
+    assert cfg.data.template_family == "sd"
+    run(cfg)
     pipe = SamplerSettings(steps=20).apply(load_components(None).pipeline())
     clf = load_classifier()
 
