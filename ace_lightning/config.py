@@ -46,6 +46,7 @@ class AdapterCfg:
     gate_target: float = 0.95
     gate_fit_steps: int = 200
     ungated: bool = False
+    gate_carry: bool = False
 
 
 @dataclass
@@ -102,6 +103,7 @@ class DataCfg:
     gate_prompts: int = 256
     gate_hard_words: int = 64
     gate_hard_contexts: int = 32
+    gate_long_prompts: int = 0
     timesteps: dict[str, Any] = field(default_factory=lambda: {"name": "uniform"})
     cache_dir: str = ".cache/ace"
     num_workers: int = 0
@@ -214,7 +216,8 @@ RANGES = [
     ("adapter.rank", lambda v: v >= 1, ">= 1"), ("adapter.gate_q", lambda v: v >= 1, ">= 1"),
     ("adapter.gate_hard_rounds", lambda v: v >= 0, ">= 0"), ("adapter.gate_fit_steps", lambda v: v >= 0, ">= 0"),
     ("data.gate_prompts", lambda v: v >= 0, ">= 0"), ("data.gate_hard_words", lambda v: v >= 0, ">= 0"),
-    ("data.gate_hard_contexts", lambda v: v >= 1, ">= 1"), ("adapter.gate_target", lambda v: 0.5 < v < 1, "in (0.5, 1)"),
+    ("data.gate_hard_contexts", lambda v: v >= 1, ">= 1"),
+    ("data.gate_long_prompts", lambda v: v >= 0, ">= 0"), ("adapter.gate_target", lambda v: 0.5 < v < 1, "in (0.5, 1)"),
     ("closed_form.lam", lambda v: v > 0, "> 0"), ("closed_form.s_e", lambda v: v >= 0, ">= 0"),
     ("closed_form.s_p", lambda v: v >= 0, ">= 0"), ("loss.eta", lambda v: v >= 0, ">= 0"),
     ("loss.alpha_pres", lambda v: v >= 0, ">= 0"), ("loss.alpha_gate", lambda v: v >= 0, ">= 0"),

@@ -128,3 +128,41 @@ def test_adapter_is_float32_under_half_precision(tiny_components):
 def test_bad_targets(tiny_components):
     with pytest.raises(ValueError, match="not applied to text tokens"):
         inject(tiny_components.unet, ["to_q"])
+
+
+def test_gate_carry_keeps_the_gate_open_after_the_concept(tiny_components, tmp_path):
+    """``carry``: a gate that opened on a token stays open on every later token of that prompt (and only there);
+    the flag survives save -> load."""
+    from ace_lightning.data.prompts import ErasureRequest
+    from ace_lightning.export import load_into, save_adapter
+    from ace_lightning.method.adapter import AdapterBank
+
+    d = 8
+    bank = AdapterBank(d, {"l": 3})
+    ad = bank.add_concept("dog", rank=2, q=1)
+    with torch.no_grad():
+        ad.Q = torch.eye(d)[:, :1]  # the concept direction: e0
+        ad.gamma.fill_(50.0)
+        ad.tau.fill_(0.5)
+    c = torch.eye(d)[[1, 2, 0, 3, 4]][None]  # (1, 5, d): the concept at position 2
+    token_wise = ad.seq_gate(c)[0]
+    assert (token_wise > 0.99).tolist() == [False, False, True, False, False]
+    ad.carry = True
+    carried = ad.seq_gate(c)[0]
+    assert (carried > 0.99).tolist() == [False, False, True, True, True]
+    assert torch.equal(ad.gate(c), token_wise[None])  # the token-wise gate itself is unchanged
+    ad.gated = False  # ungated stays exactly 1 everywhere
+    assert torch.equal(ad.seq_gate(c), torch.ones(1, 5))
+
+    unet = tiny_components.unet
+    real = inject(unet)
+    _fill(real, unet, "dog")
+    real["dog"].carry = True
+    path = save_adapter(tmp_path / "c.safetensors", real, [ErasureRequest("dog", "object", "animal")],
+                        tiny_components.source, "fp", ["to_k", "to_v"])
+    remove(unet)
+    loaded = load_into(unet, path, check_fingerprint=False)
+    try:
+        assert loaded["dog"].carry is True
+    finally:
+        remove(unet)

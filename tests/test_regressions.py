@@ -15,6 +15,7 @@ def _concept(name, d, n=6, seed=0):
 
 
 ACFG = dict(rank=3, gate_q=2, gate_directions="contrast", gate_project_out=0, gate_hard_rounds=0, gate_target=0.95,
+            gate_fit_steps=0, gate_carry=False,
             targets=["to_k", "to_v"])
 CF = SimpleNamespace(enabled=True, lam=0.1, s_e=1.0, s_p=1.0)
 

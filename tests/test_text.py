@@ -73,3 +73,33 @@ def test_placeholders_and_soft_prompt_attack(tiny_components, position):
     c_adv, last = soft_prompt_attack(unet, te, new, pos, x_t, t, target, steps=15, lr=0.05)
     assert c_adv.shape == (2, ids.shape[1], te.config.hidden_size) and not c_adv.requires_grad
     assert last < first
+
+
+def test_prefixed_prompts_end_in_the_phrase_after_one_to_max_words():
+    from ace_lightning.data.prompts import prefixed_prompts
+
+    words = ["red", "tall", "old", "wooden", "tiny"]
+    pairs = prefixed_prompts(["dog", "big cat"], words, 200, seed=3, max_words=4)
+    assert len(pairs) == 200 and pairs == prefixed_prompts(["dog", "big cat"], words, 200, seed=3, max_words=4)
+    lengths = set()
+    for i, (p, ph) in enumerate(pairs):
+        assert ph == ["dog", "big cat"][i % 2] and p.endswith(" " + ph) and p.startswith("a ")
+        prefix = p[2 : len(p) - len(ph) - 1].split()
+        assert set(prefix) <= set(words)
+        lengths.add(len(prefix))
+    assert lengths == {1, 2, 3, 4}  # every prefix length is drawn, none longer
+    assert prefixed_prompts([], words, 5, 0) == [] and prefixed_prompts(["dog"], [], 5, 0) == []
+
+
+def test_gate_data_keeps_only_prompts_that_fit_the_context(tiny_components):
+    """A long prompt past the encoder's context would lose its last word (the concept) to truncation."""
+    from types import SimpleNamespace
+
+    from ace_lightning.data.datamodule import ErasureDataModule
+
+    dm = ErasureDataModule.__new__(ErasureDataModule)
+    dm.components = SimpleNamespace(tokenizer=tiny_components.tokenizer)
+    n = tiny_components.tokenizer.model_max_length
+    short, long = "a red dog", "a " + " ".join(["red"] * n) + " dog"
+    assert dm._fitting([short, long, short]) == [short, short]
+    assert dm._fitting([]) == []  # data.gate_long_prompts=0

@@ -234,3 +234,18 @@ def _leaves(cfg, prefix=""):
             yield from _leaves(v, key + ".")
         else:
             yield key
+
+
+def test_long_gate_prompts_reach_the_gate_and_carry_is_saved(tiny_model_dir, tmp_path):
+    """``data.gate_long_prompts`` adds long prompts to the gate's fit (its directions change) and
+    ``adapter.gate_carry`` is written into the adapter file."""
+    from ace_lightning.export import read_adapter
+
+    gate = ["trainer.max_steps=0", "data.gate_prompts=8", "data.gate_hard_words=4", "data.gate_hard_contexts=2",
+            "adapter.gate_fit_steps=20"]
+    run(tiny_cfg(tiny_model_dir, tmp_path / "a", *gate))
+    run(tiny_cfg(tiny_model_dir, tmp_path / "b", *gate, "data.gate_long_prompts=64", "adapter.gate_carry=true"))
+    (ta, ma), (tb, mb) = (read_adapter(tmp_path / x / "dog" / "adapter.safetensors") for x in "ab")
+    q_keys = [k for k in ta if k.endswith(".Q")]
+    assert q_keys and any(not torch.equal(ta[k], tb[k]) for k in q_keys)
+    assert [c["carry"] for c in ma["concepts"]] == [False] and [c["carry"] for c in mb["concepts"]] == [True]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import random
 import string
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -212,7 +212,6 @@ class CsvPrompts:
             raise ConfigError(f"{path}: no column {self.prompt_column!r}; columns: {list(table[0])}")
         cands = [self.seed_column] if isinstance(self.seed_column, str) else list(self.seed_column or [])
         seed_col = next((c for c in cands if table and c in table[0]), None)
-        self.used_seed_column = seed_col
         rows = []
         for i, rec in enumerate(table[: sel.limit] if sel.limit else table):
             ref = None
@@ -246,21 +245,6 @@ class Suite:
 
     def rows(self, sel: Selection) -> list[PromptRow]:
         return self.prompts.rows(self.name, sel)
-
-    def with_metric_overrides(self, overrides: dict[str, Any]) -> Suite:
-        """Set scorer/metric keys (e.g. ``pretrained``) wherever a metric or its scorer config has them."""
-        metrics = []
-        for m in self.metrics:
-            m = {**m, "scorer": dict(m["scorer"])}
-            for k, v in overrides.items():
-                if v is None:
-                    continue
-                if k in m["scorer"]:
-                    m["scorer"][k] = v
-                elif k in m:
-                    m[k] = v
-            metrics.append(m)
-        return replace(self, metrics=metrics)
 
 
 def suite_names() -> list[str]:

@@ -10,7 +10,7 @@ import torch
 from ace_lightning.method import gate as G
 from ace_lightning.method.adapter import AdapterBank
 from ace_lightning.method.closed_form import EditedWeights, preserve_factor, solve_concepts
-from ace_lightning.registry import lookup
+from ace_lightning.registry import build
 
 
 def initialize_bank(bank: AdapterBank, weights: dict[str, torch.Tensor], concepts, P: torch.Tensor, cf, acfg,
@@ -27,8 +27,9 @@ def initialize_bank(bank: AdapterBank, weights: dict[str, torch.Tensor], concept
     d = P.shape[0]
     factor = preserve_factor(P, d, cf.lam, cf.s_p)  # shared by every concept and layer
     P_gate = P if P_gate is None else P_gate
-    directions = lookup("gate_directions", acfg.gate_directions)(P_gate, acfg.gate_q, acfg.gate_project_out,
-                                                                 hard_rounds=acfg.gate_hard_rounds)
+    directions = build("gate_directions", {"name": acfg.gate_directions, "q": acfg.gate_q,
+                                           "project_out": acfg.gate_project_out, "hard_rounds": acfg.gate_hard_rounds},
+                       P=P_gate)  # C (d, n) -> Q (d, q)
     stacked = EditedWeights.stack(weights)
     P_hat = G.unit_columns(P_gate)  # (d, m'), scored by every concept's gate
     stats = {}
@@ -43,6 +44,7 @@ def initialize_bank(bank: AdapterBank, weights: dict[str, torch.Tensor], concept
             A, B, energy = U.T.float(), {k: torch.zeros(W.shape[0], U.shape[1]) for k, W in weights.items()}, 0.0
         ad = bank.add_concept(name, rank=A.shape[0], q=acfg.gate_q)
         ad.gated = not acfg.ungated  # ungated: gate exactly 1, the plain (UCE-like) low-rank edit
+        ad.carry = acfg.gate_carry
         with torch.no_grad():
             ad.A.copy_(A)
             for k in weights:
@@ -53,7 +55,7 @@ def initialize_bank(bank: AdapterBank, weights: dict[str, torch.Tensor], concept
             s_t, s_p = G.scores(ad.Q, cd.C), G.scores(ad.Q, P_hat, unit=True)
             # calibrated even when ungated (unused then: that gate is exactly 1), so a file can be re-gated
             gamma, tau = G.calibrate(s_t, s_p, target_gate=acfg.gate_target)
-            if getattr(acfg, "gate_fit_steps", 0) and not acfg.ungated:
+            if acfg.gate_fit_steps and not acfg.ungated:
                 pos = cd.C if cd.gate_pos is None else torch.cat([cd.C, cd.gate_pos], 1)  # (d, n + n_g)
                 neg = P_gate if hard_negatives is None else torch.cat(
                     [P_gate, hard_negatives(cd, lambda X, Q=ad.Q: G.scores(Q, X.T))], 1)  # (d, m + n_h)
@@ -99,4 +101,3 @@ class ClosedFormInit(L.Callback):
         say(f"{what}: {len(dm.concepts)} concept(s), {len(weights)} layers, {dm.P.shape[1]} preserve tokens, "
             f"{self.stats['_seconds']:.1f} s")
         pl_module.bank.to(pl_module.device)
-        pl_module.init_stats = self.stats

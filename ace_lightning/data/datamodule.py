@@ -30,6 +30,7 @@ from ace_lightning.data.prompts import (
     fill_template,
     known_words,
     mine_neighbours,
+    prefixed_prompts,
     preserve_prompts,
     vocabulary_prompts,
     words_of,
@@ -74,6 +75,13 @@ def pad_sample(nonpad: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
     r = torch.rand(nonpad.shape, generator=g).masked_fill(nonpad, 2.0)  # (B, T): pads get uniform keys, others 2
     kth = r.sort(dim=1).values[:, min(k, nonpad.shape[1]) - 1 : min(k, nonpad.shape[1])]  # (B, 1)
     return (r <= kth) & ~nonpad
+
+
+def gate_columns(emb: torch.Tensor, ids: torch.Tensor, eos_id: int, seed: int, pads: int = 8) -> torch.Tensor:
+    """(d, n) the tokens of encoded prompts (emb (B, T, d), ids (B, T)) that a gate is fitted on: every non-pad
+    token and ``pads`` random padding positions per prompt (:func:`pad_sample`)."""
+    nonpad = token_mask(ids, eos_id)  # (B, T)
+    return emb[nonpad | pad_sample(nonpad, pads, seed)].T.contiguous()
 
 
 def prompt_seed(seed: int, prompt: str) -> int:
@@ -148,6 +156,7 @@ class ErasureDataModule(L.LightningDataModule):
         self.num_train_timesteps = components.scheduler.config.num_train_timesteps
         self.concepts: list[ConceptData] = []
         self.hard_words: dict[str, list[str]] = {}  # concept -> its gate's hardest vocabulary words
+        self._erased_pieces: set[str] | None = None  # last BPE pieces of every erased phrase (never a hard word)
         self._ready = False
 
     # -- setup -------------------------------------------------------------------------------------
@@ -190,8 +199,7 @@ class ErasureDataModule(L.LightningDataModule):
             # the gate also sees 8 random padding positions of every vocabulary prompt: pads carry the prompt's
             # words through the causal encoder (measured: without them the gate fired on the pads of "a square"
             # after erasing "circle")
-            v_gate = v_nonpad | pad_sample(v_nonpad, 8, self.seed)
-            self.P_vocab_gate = v_emb[v_gate].T.contiguous()  # (d, n_vg)
+            self.P_vocab_gate = gate_columns(v_emb, v_ids, tok.eos_token_id, self.seed)  # (d, n_vg)
         else:
             self.P_vocab = self.P_vocab_gate = torch.zeros(self.preserve_emb.shape[-1], 0)
             self.word_tokens = torch.zeros(0, self.preserve_emb.shape[-1])
@@ -228,12 +236,13 @@ class ErasureDataModule(L.LightningDataModule):
 
     def _context_negatives(self) -> torch.Tensor:
         """(d, n) the gate's negatives in the erase prompts' own contexts: ``data.gate_prompts`` prompts per kind
-        of the family's templates with a vocabulary word where the concept goes ("a photo of a {w}"), all their
-        non-pad tokens and 8 random pads each. Without them the only negatives in those contexts would be the 160
+        of the family's templates with a vocabulary word where the concept goes ("a photo of a {w}"), and
+        ``data.gate_long_prompts`` long prompts of vocabulary words (:func:`prefixed_prompts`); all their non-pad
+        tokens and 8 random pads each. Without them the only negatives in those contexts would be the 160
         preserve prompts, and a gate could learn the template instead of the word."""
-        c, cfg = self.components, self.cfg
+        cfg = self.cfg
         d = self.preserve_emb.shape[-1]
-        if cfg.gate_prompts <= 0 or not self.vocab:
+        if not self.vocab or (cfg.gate_prompts <= 0 and cfg.gate_long_prompts <= 0):
             return torch.zeros(d, 0)
         rng = random.Random(f"{self.seed}/context-negatives")
         prompts = []
@@ -241,16 +250,30 @@ class ErasureDataModule(L.LightningDataModule):
             for _ in range(cfg.gate_prompts):
                 t = rng.choice(self.fam.templates[kind])
                 prompts.append(fill_template(t, rng.choice(self.vocab), self.fam.fields, rng))
+        last = [rng.choice(self.vocab) for _ in range(cfg.gate_long_prompts)]
+        prompts += self._fitting([p for p, _ in prefixed_prompts(last, self.vocab, cfg.gate_long_prompts, self.seed)])
+        return self._gate_tokens(prompts, self.seed + 1)
+
+    def _gate_tokens(self, prompts: list[str], seed: int) -> torch.Tensor:
+        """(d, n) :func:`gate_columns` of ``prompts`` encoded by the frozen text encoder."""
+        c = self.components
         emb, ids = encode_prompts(c.text_encoder, c.tokenizer, prompts)  # (n, T, d)
-        nonpad = token_mask(ids, c.tokenizer.eos_token_id)
-        return emb[nonpad | pad_sample(nonpad, 8, self.seed + 1)].T.contiguous()
+        return gate_columns(emb, ids, c.tokenizer.eos_token_id, seed)
+
+    def _fitting(self, prompts: list[str]) -> list[str]:
+        """The prompts that fit the text encoder's context (a truncated prompt loses its last word)."""
+        tok = self.components.tokenizer
+        if not prompts:  # a fast tokenizer fails on an empty batch
+            return []
+        return [p for p, ids in zip(prompts, tok(prompts)["input_ids"]) if len(ids) <= tok.model_max_length]
 
     def hard_negatives(self, cd: ConceptData, score) -> torch.Tensor:
         """(d, n) the gate's hardest negatives for one concept: the ``data.gate_hard_words`` vocabulary words that
         ``score`` (its calibrated gate's score, (n, d) -> (n,)) rates highest in "a {w}", each in
         ``data.gate_hard_contexts`` prompts of the concept's erase templates and modifiers (the contexts its
         positives come from): all their non-pad tokens and 8 random pads each. The words are recorded in
-        ``hard_words`` (prompts.json). Found by the model's own confusion, not by a list: on ToyWorld the
+        ``hard_words`` (prompts.json); and ``data.gate_long_prompts`` long prompts ending in them
+        (:func:`prefixed_prompts`). Found by the model's own confusion, not by a list: on ToyWorld the
         'heart' gate's top words were box, square, block, circle, red, green, ring, ... A gate fitted against the
         word alone ("a circle") still fired on it after two held-out modifiers ('heart' on "a photo of a red
         striped circle": 0.75 of the colour/style pairs)."""
@@ -260,26 +283,33 @@ class ErasureDataModule(L.LightningDataModule):
             return torch.zeros(self.word_tokens.shape[1], 0)
         # never the last piece of an erased phrase ("form" of "cruciform", "agram" of "pentagram"): that token is
         # a target (measured: with it a negative, 'cross' stayed in 0.42 of its synonym prompts)
-        pieces = {tok_str[:-4] if tok_str.endswith("</w>") else tok_str
-                  for o in self.concepts for ph in o.request.phrases + [w for w, _ in o.neighbours]
-                  for tok_str in c.tokenizer.convert_ids_to_tokens(phrase_ids(c.tokenizer, ph)[-1:])}
+        if self._erased_pieces is None:
+            self._erased_pieces = {
+                t[:-4] if t.endswith("</w>") else t
+                for o in self.concepts for ph in o.request.phrases + [w for w, _ in o.neighbours]
+                for t in c.tokenizer.convert_ids_to_tokens(phrase_ids(c.tokenizer, ph)[-1:])}
+        pieces = self._erased_pieces
         order = score(self.word_tokens).argsort(descending=True).tolist()
         words = [self.vocab[i] for i in order if self.vocab[i] not in pieces][:k]
         self.hard_words[cd.request.concept] = words
         rng = random.Random(f"{self.seed}/hard-negatives/{cd.request.concept}")
         prompts = [fill_template(rng.choice(self.fam.templates[cd.request.kind]), w, self.fam.fields, rng)
                    for w in words for _ in range(cfg.gate_hard_contexts)]
-        emb, ids = encode_prompts(c.text_encoder, c.tokenizer, prompts)  # (n, T, d)
-        nonpad = token_mask(ids, c.tokenizer.eos_token_id)
-        return emb[nonpad | pad_sample(nonpad, 8, self.seed + 2)].T.contiguous()
+        prompts += self._fitting([p for p, _ in prefixed_prompts(words, self.vocab, cfg.gate_long_prompts,
+                                                                 self.seed + 3)])
+        return self._gate_tokens(prompts, self.seed + 2)
 
     def _gate_positives(self, req: ErasureRequest, phrases: list[str]) -> torch.Tensor:
         """(d, n) the policy's target tokens of ``data.gate_prompts`` further erase prompts (other template and
-        modifier draws than the training prompts): text-encoder passes only, no latents."""
+        modifier draws than the training prompts) and of ``data.gate_long_prompts``/2 long prompts ending in a
+        phrase (:func:`prefixed_prompts`): text-encoder passes only, no latents."""
         c, cfg = self.components, self.cfg
-        if cfg.gate_prompts <= 0:
+        triples = erase_prompts(req, phrases, self.fam, cfg.gate_prompts, self.seed + 7919) if cfg.gate_prompts > 0 else []
+        long = prefixed_prompts(phrases, self.vocab, cfg.gate_long_prompts // 2, self.seed + 7920)
+        keep = set(self._fitting([p for p, _ in long]))
+        triples += [(p, ph, p[: len(p) - len(ph)] + req.neutral) for p, ph in long if p in keep]
+        if not triples:
             return torch.zeros(self.preserve_emb.shape[-1], 0)
-        triples = erase_prompts(req, phrases, self.fam, cfg.gate_prompts, self.seed + 7919)
         emb, _ = encode_prompts(c.text_encoder, c.tokenizer, [p for p, _, _ in triples])
         cols = [emb[i, paired_positions(c.tokenizer, p, ph, neu, req.neutral, cfg.token_policy)[0]]
                 for i, (p, ph, neu) in enumerate(triples)]

@@ -139,6 +139,20 @@ def vocabulary_prompts(words: list[str], seed: int) -> list[str]:
     return out + [f"a {rng.choice(words)} {rng.choice(words)} {w}" for w in words[::4]]
 
 
+def prefixed_prompts(last: list[str], words: list[str], n: int, seed: int, max_words: int = 7) -> list[tuple[str, str]]:
+    """``n`` pairs (prompt, its last phrase): ``a w1 … wk {phrase}``, ``k`` uniform in 1..``max_words``, the ``w``
+    drawn from ``words`` (the model's vocabulary) and the phrase cycled through ``last``. Long prompts of the
+    model's own words: the positions and prefixes that templates and vocabulary prompts (at most three words)
+    never reach. Measured on ToyWorld (four shapes erased at once): a gate fitted without them fired on 9-15 % of
+    all tokens of held-out prompts such as "a sketch showing a red striped triangle" (colour, style and padding
+    tokens), 1-4 % with them."""
+    if not last or not words:
+        return []
+    rng = random.Random(f"{seed}/prefixed")
+    return [(" ".join(["a", *(rng.choice(words) for _ in range(rng.randint(1, max_words))), last[i % len(last)]]),
+             last[i % len(last)]) for i in range(n)]
+
+
 def words_of(phrases) -> set[str]:
     """The lower-case ASCII words of ``phrases`` ("Plus sign" -> {"plus", "sign"})."""
     return {w for p in phrases for w in re.findall(r"[a-z]+", str(p).lower())}

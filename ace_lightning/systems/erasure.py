@@ -41,7 +41,6 @@ class ErasureSystem(L.LightningModule):
         self.bank = inject(components.unet, adapter_cfg.targets)
         self.concept_keys: list[str] = []
         self.adv_pool: list[dict] = []
-        self.init_stats: dict = {}
         self.vocab_tokens = torch.zeros(0, 0)
 
     # -- plumbing ----------------------------------------------------------------------------------
