@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import lightning as L
-import torch
 from omegaconf import OmegaConf
 
 from ace_lightning.callbacks.cost import CostMeter
@@ -38,6 +37,7 @@ from ace_lightning.utils import (
     quiet_known_notices,
     run_cli,
     say,
+    set_threads,
 )
 
 
@@ -67,7 +67,7 @@ def run(cfg) -> dict:
     check_writable(Path(cfg.data.cache_dir), "data.cache_dir")
     resolve_model_dir(cfg.model.path)  # a missing model fails here, before anything is loaded
 
-    torch.set_num_threads(t.threads or max(1, (os.cpu_count() or 1) // max(1, t.devices)))
+    set_threads(t.threads, t.devices)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     say(f"erasing {', '.join(r.concept for r in requests)} from {cfg.model.path or 'ToyWorld'} -> {run_dir}")

@@ -16,6 +16,13 @@ def _default_mode() -> int:
     return 0o666 & ~mask
 
 
+def set_threads(threads: int, devices: int = 1) -> None:
+    """torch's intra-op threads: ``threads``, or (0) the machine's cores shared by ``devices`` processes."""
+    import torch
+
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // max(1, devices)))
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,6 @@ distributed sampler is switched off (it would pad shards with duplicates).
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ace_lightning.bench.suites import PromptRow
+from ace_lightning.utils import atomic_save, atomic_write_text
 
 
 def image_path(out_dir: str | Path, row: PromptRow) -> Path:
@@ -54,10 +54,7 @@ def check_generation_settings(out_dir: str | Path, variants: dict[str, str | Non
                                   f"{[have.get(k) for k in diff]} vs now {[want.get(k) for k in diff]}); "
                                   "use another out= or run= (or delete the folder)")
             continue
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".generation.json.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(want, indent=2))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(want, indent=2))
 
 
 def make_batches(rows: list[PromptRow], batch_size: int) -> list[list[PromptRow]]:
@@ -98,10 +95,7 @@ def row_loader(batches: list[list[PromptRow]], trainer: L.Trainer) -> DataLoader
 def save_png(img: torch.Tensor, path: Path) -> None:
     """(3, H, W) in [0, 1] -> 8-bit PNG, written to a temp name then renamed (no half-written files)."""
     arr = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    Image.fromarray(arr).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    atomic_save(path, lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"))
 
 
 def load_png(path: Path) -> torch.Tensor:

@@ -23,6 +23,7 @@ from ace_lightning.bench.config import (
     route_overrides,
 )
 from ace_lightning.registry import ConfigError, build
+from ace_lightning.utils import set_threads
 
 __all__ = ["BenchConfig", "main", "parse_args", "route_overrides"]
 
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # our writer never needs Lightning's batch indices (rows carry their own identity)
     warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
     suite = load_suite(cfg.suite)
-    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // cfg.devices))
+    set_threads(cfg.threads, cfg.devices)
 
     # variants and the erased set: explicit erased=, else the adapters' concepts found in the suite, else the suite's
     variants = ({"base": None} if cfg.base else {}) | adapter_variants(csv_list(cfg.adapter) or [])

@@ -18,13 +18,10 @@ import torch
 
 @dataclass
 class PreserveFactor:
-    """``M = λI + s_p P Pᵀ`` factorised once (float64): Cholesky factor and the explicit inverse, so
-    every concept's ``M⁻¹ C`` is one GEMM (batched over concepts)."""
+    """``M = λI + s_p P Pᵀ`` inverted once (float64, through its Cholesky factor), so every concept's ``M⁻¹ C``
+    is one GEMM (batched over concepts)."""
 
-    chol: torch.Tensor  # (d, d) lower-triangular
     inv: torch.Tensor  # (d, d) M⁻¹, symmetric
-    lam: float
-    s_p: float
 
     def solve(self, X: torch.Tensor) -> torch.Tensor:
         """``M⁻¹ X`` for X (..., d, n)."""
@@ -40,7 +37,7 @@ def preserve_factor(P: torch.Tensor | None, d: int, lam: float, s_p: float) -> P
         P = P.to(torch.float64)
         M = M + s_p * (P @ P.T)
     chol = torch.linalg.cholesky(M)
-    return PreserveFactor(chol, torch.cholesky_inverse(chol), lam, s_p)
+    return PreserveFactor(torch.cholesky_inverse(chol))
 
 
 @dataclass

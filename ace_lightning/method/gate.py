@@ -21,18 +21,22 @@ def preserve_directions(P: torch.Tensor, k: int) -> torch.Tensor | None:
     return torch.linalg.svd(_unit_cols(P.double()), full_matrices=False).U[:, :k]
 
 
+def _top_left_singular(X: torch.Tensor, q: int) -> torch.Tensor:
+    """Top-q left singular vectors (d, q') of X (d, n), float64, from the n x n Gram matrix (n << d):
+    ``U = X W Σ⁻¹``; directions with a vanishing singular value are dropped (q' <= q)."""
+    sig2, W = torch.linalg.eigh(X.T @ X)  # ascending
+    sig2, W = sig2.flip(0)[:q], W.flip(1)[:, :q]
+    keep = sig2 > 1e-12 * sig2[:1].clamp_min(1e-300)
+    return (X @ W[:, keep]) / sig2[keep].sqrt()  # (d, q')
+
+
 def gate_directions(C: torch.Tensor, q: int, Up: torch.Tensor | None = None) -> torch.Tensor:
     """Q (d, q): top-q left singular vectors of the unit target columns C (d, n), optionally after
     projecting out the preserve directions ``Up`` (d, k) (see :func:`preserve_directions`)."""
     X = _unit_cols(C.double())  # (d, n)
     if Up is not None:
         X = X - Up @ (Up.T @ X)
-    # left singular vectors from the n x n Gram matrix (n << d): U = X W Σ⁻¹
-    sig2, W = torch.linalg.eigh(X.T @ X)  # ascending
-    sig2, W = sig2.flip(0)[:q], W.flip(1)[:, :q]
-    keep = sig2 > 1e-12 * sig2[:1].clamp_min(1e-300)
-    U = (X @ W[:, keep]) / sig2[keep].sqrt()  # (d, q')
-    return U.float().contiguous()
+    return _top_left_singular(X, q).float().contiguous()  # (d, q')
 
 
 def unit_columns(X: torch.Tensor) -> torch.Tensor:
@@ -57,11 +61,7 @@ def contrast_directions(C: torch.Tensor, q: int, Wh: torch.Tensor) -> torch.Tens
     """Q (d, q) = Wh U: the score ``||Qᵀ ĉ||² = ||Uᵀ Wh ĉ||²`` is the targets' top-q energy measured in the
     preserve-whitened space (U: top left singular vectors of the whitened unit targets), i.e. energy where
     targets have it *relative to* the preserves. Q is orthonormal in the whitened metric, not in text space."""
-    X = Wh @ _unit_cols(C.double())  # (d, n) whitened targets
-    sig2, W = torch.linalg.eigh(X.T @ X)  # Gram (n, n), ascending
-    sig2, W = sig2.flip(0)[:q], W.flip(1)[:, :q]
-    keep = sig2 > 1e-12 * sig2[:1].clamp_min(1e-300)
-    U = (X @ W[:, keep]) / sig2[keep].sqrt()  # (d, q') orthonormal in whitened space
+    U = _top_left_singular(Wh @ _unit_cols(C.double()), q)  # (d, q') of the whitened targets, orthonormal there
     return (Wh @ U).float().contiguous()
 
 

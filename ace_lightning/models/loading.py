@@ -38,10 +38,6 @@ class Components:
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
-
 
 def resolve_model_dir(path: str | os.PathLike | None) -> Path:
     """A local directory for ``path``: ToyWorld when None, a local dir, or a hub id in the local cache."""
