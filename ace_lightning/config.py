@@ -14,6 +14,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
+from ace_lightning.models.sampling import SamplerSettings
 from ace_lightning.registry import ConfigError
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
@@ -129,14 +130,6 @@ class AdvUnlearnCfg:
 
 
 @dataclass
-class SamplerCfg:
-    scheduler: str = "ddim"
-    steps: int = 25
-    guidance: float = 5.0
-    eta: float = 0.0
-
-
-@dataclass
 class GridCfg:
     enabled: bool = True
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
@@ -173,7 +166,7 @@ class RunCfg:
     data: DataCfg = field(default_factory=DataCfg)
     adv: AdvCfg = field(default_factory=AdvCfg)
     advunlearn: AdvUnlearnCfg = field(default_factory=AdvUnlearnCfg)
-    sampler: SamplerCfg = field(default_factory=SamplerCfg)
+    sampler: SamplerSettings = field(default_factory=SamplerSettings)  # the one sampler dataclass
     grid: GridCfg = field(default_factory=GridCfg)
     logger: LoggerCfg = field(default_factory=LoggerCfg)
 

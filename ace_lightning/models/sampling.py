@@ -57,12 +57,12 @@ def generate(
     pipe,
     prompts: list[str],
     seeds: list[int],
-    steps: int = 25,
-    guidance: float = 5.0,
+    steps: int = SamplerSettings.steps,  # defaults: the one set in SamplerSettings
+    guidance: float = SamplerSettings.guidance,
     output_type: str = "pt",
     batch_size: int = 16,
     progress: bool = True,
-    eta: float = 0.0,
+    eta: float = SamplerSettings.eta,
 ) -> torch.Tensor:
     """Images (B, 3, H, W) in [0, 1] (``output_type="pt"``) or latents (B, 4, h, w) (``"latent"``)."""
     if len(prompts) != len(seeds):
