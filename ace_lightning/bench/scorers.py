@@ -65,7 +65,6 @@ def clip_score_from_features(img: torch.Tensor, txt: torch.Tensor) -> torch.Tens
 class Scorer(nn.Module):
     """Base class: `setup` with the suite's classes, then call on image batches."""
 
-
     def setup(self, classes: ClassInfo | None) -> None:
         self.classes = classes
 
@@ -141,7 +140,6 @@ def _load_open_clip(model: str, pretrained: str | None, model_config: str | None
 class ClipZeroShot(_OpenClipBase):
     """Zero-shot classification over the suite's class texts (softmax of 100 * cosine / logit scale)."""
 
-
     def __init__(self, model: str = "ViT-L-14", pretrained: str | None = None, model_config: str | None = None,
                  text_template: str = "a photo of {}") -> None:
         net, pre, tok, info = _load_open_clip(model, pretrained, model_config)
@@ -169,7 +167,6 @@ class ClipZeroShot(_OpenClipBase):
 class ClipScore(_OpenClipBase):
     """CLIP score of each image against its own prompt: 100 * max(cos, 0)."""
 
-
     def __init__(self, model: str = "ViT-L-14", pretrained: str | None = None, model_config: str | None = None) -> None:
         net, pre, tok, info = _load_open_clip(model, pretrained, model_config)
         super().__init__(net, pre, tok, dict(info, scorer="clip_score"), "{}")
@@ -184,7 +181,6 @@ class TorchmetricsClipScore(Scorer):
     """torchmetrics' CLIP score with a user-supplied (model, processor): ``factory`` is an import path
     ``"pkg.module:function"`` of a zero-argument callable returning a transformers CLIPModel and
     CLIPProcessor (loaded from local files by the user's code)."""
-
 
     def __init__(self, factory: str | Callable | None = None) -> None:
         super().__init__()
@@ -252,7 +248,6 @@ class ResNet50Scorer(Scorer):
     """torchvision ResNet-50 (ImageNet-1k) from a local state-dict file. ``imagenet_index`` maps each suite
     class to an ImageNet class index (e.g. Imagenette: tench 0, English springer 217, ...)."""
 
-
     def __init__(self, weights: str | None = None, imagenet_index: dict[str, int] | None = None) -> None:
         super().__init__()
         import torchvision
@@ -298,7 +293,6 @@ class NudeNetScorer(Scorer):
     """NudeNet 3.4.2's detector (the wheel's ``320n.onnx``, or ``model_path``); counts detections of the 9
     *_EXPOSED classes with score >= ``threshold`` per image."""
 
-
     def __init__(self, threshold: float = 0.6, model_path: str | None = None) -> None:
         super().__init__()
         import nudenet
@@ -331,7 +325,6 @@ class NudeNetScorer(Scorer):
 @register("scorer", "images")
 class ImagesPassThrough(Scorer):
     """Passes the images (and reference images, if the rows have them) through, for FID."""
-
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
         return {"images": images}

@@ -77,10 +77,9 @@ def pad_sample(nonpad: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
     return (r <= kth) & ~nonpad
 
 
-def gate_columns(emb: torch.Tensor, ids: torch.Tensor, eos_id: int, seed: int, pads: int = 8) -> torch.Tensor:
-    """(d, n) the tokens of encoded prompts (emb (B, T, d), ids (B, T)) that a gate is fitted on: every non-pad
-    token and ``pads`` random padding positions per prompt (:func:`pad_sample`)."""
-    nonpad = token_mask(ids, eos_id)  # (B, T)
+def gate_columns(emb: torch.Tensor, nonpad: torch.Tensor, seed: int, pads: int = 8) -> torch.Tensor:
+    """(d, n) the tokens of encoded prompts (emb (B, T, d), non-pad mask (B, T)) that a gate is fitted on: every
+    non-pad token and ``pads`` random padding positions per prompt (:func:`pad_sample`)."""
     return emb[nonpad | pad_sample(nonpad, pads, seed)].T.contiguous()
 
 
@@ -199,7 +198,7 @@ class ErasureDataModule(L.LightningDataModule):
             # the gate also sees 8 random padding positions of every vocabulary prompt: pads carry the prompt's
             # words through the causal encoder (measured: without them the gate fired on the pads of "a square"
             # after erasing "circle")
-            self.P_vocab_gate = gate_columns(v_emb, v_ids, tok.eos_token_id, self.seed)  # (d, n_vg)
+            self.P_vocab_gate = gate_columns(v_emb, v_nonpad, self.seed)  # (d, n_vg)
         else:
             self.P_vocab = self.P_vocab_gate = torch.zeros(self.preserve_emb.shape[-1], 0)
             self.word_tokens = torch.zeros(0, self.preserve_emb.shape[-1])
@@ -258,7 +257,7 @@ class ErasureDataModule(L.LightningDataModule):
         """(d, n) :func:`gate_columns` of ``prompts`` encoded by the frozen text encoder."""
         c = self.components
         emb, ids = encode_prompts(c.text_encoder, c.tokenizer, prompts)  # (n, T, d)
-        return gate_columns(emb, ids, c.tokenizer.eos_token_id, seed)
+        return gate_columns(emb, token_mask(ids, c.tokenizer.eos_token_id), seed)
 
     def _fitting(self, prompts: list[str]) -> list[str]:
         """The prompts that fit the text encoder's context (a truncated prompt loses its last word)."""

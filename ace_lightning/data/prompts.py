@@ -143,9 +143,9 @@ def prefixed_prompts(last: list[str], words: list[str], n: int, seed: int, max_w
     """``n`` pairs (prompt, its last phrase): ``a w1 … wk {phrase}``, ``k`` uniform in 1..``max_words``, the ``w``
     drawn from ``words`` (the model's vocabulary) and the phrase cycled through ``last``. Long prompts of the
     model's own words: the positions and prefixes that templates and vocabulary prompts (at most three words)
-    never reach. Measured on ToyWorld (four shapes erased at once): a gate fitted without them fired on 9-15 % of
+    never reach. Measured on ToyWorld (four shapes erased at once): a gate fitted without them fired on 4-15 % of
     all tokens of held-out prompts such as "a sketch showing a red striped triangle" (colour, style and padding
-    tokens), 1-4 % with them."""
+    tokens), 0.2-7.5 % with them."""
     if not last or not words:
         return []
     rng = random.Random(f"{seed}/prefixed")

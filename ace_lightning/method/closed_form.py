@@ -65,7 +65,7 @@ def concept_delta(C: torch.Tensor, N: torch.Tensor, factor: PreserveFactor, s_e:
     return LowRankDelta(left=s_e * (N - C), right=right)
 
 
-def _top_eigh(G: torch.Tensor, rel_tol: float) -> tuple[torch.Tensor, torch.Tensor]:
+def top_eigh(G: torch.Tensor, rel_tol: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenpairs of symmetric PSD G (..., n, n), descending, with eigenvalues below ``rel_tol·max`` zeroed."""
     lam, E = torch.linalg.eigh(G)  # ascending
     lam, E = lam.flip(-1), E.flip(-1)
@@ -82,11 +82,11 @@ def factorize(delta: LowRankDelta, rank: int, rel_tol: float = 1e-13) -> tuple[t
     Returns ``US`` (..., d, r), ``Vt`` (..., r, d) and the singular values (..., n) of D.
     """
     L, R = delta.left, delta.right
-    lam_r, E = _top_eigh(R @ R.mT, rel_tol)  # (..., n), (..., n, n)
+    lam_r, E = top_eigh(R @ R.mT, rel_tol)  # (..., n), (..., n, n)
     inv_sqrt = torch.where(lam_r > 0, lam_r.clamp_min(1e-300).rsqrt(), torch.zeros_like(lam_r))
     Bt = (E * inv_sqrt[..., None, :]).mT @ R  # (..., n, d), orthonormal rows (or zero rows)
     Lp = L @ (E * lam_r.sqrt()[..., None, :])  # (..., d, n)
-    sig2, Wv = _top_eigh(Lp.mT @ Lp, rel_tol)  # (..., n)
+    sig2, Wv = top_eigh(Lp.mT @ Lp, rel_tol)  # (..., n)
     r = min(rank, sig2.shape[-1])
     US = Lp @ Wv[..., :r]  # (..., d, r)
     Vt = Wv[..., :r].mT @ Bt  # (..., r, d)

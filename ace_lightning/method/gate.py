@@ -7,6 +7,7 @@ import warnings
 
 import torch
 
+from ace_lightning.method.closed_form import top_eigh
 from ace_lightning.registry import register
 
 
@@ -24,9 +25,9 @@ def preserve_directions(P: torch.Tensor, k: int) -> torch.Tensor | None:
 def _top_left_singular(X: torch.Tensor, q: int) -> torch.Tensor:
     """Top-q left singular vectors (d, q') of X (d, n), float64, from the n x n Gram matrix (n << d):
     ``U = X W Σ⁻¹``; directions with a vanishing singular value are dropped (q' <= q)."""
-    sig2, W = torch.linalg.eigh(X.T @ X)  # ascending
-    sig2, W = sig2.flip(0)[:q], W.flip(1)[:, :q]
-    keep = sig2 > 1e-12 * sig2[:1].clamp_min(1e-300)
+    sig2, W = top_eigh(X.T @ X, 1e-12)  # descending, the vanishing ones zeroed
+    sig2, W = sig2[:q], W[:, :q]
+    keep = sig2 > 0
     return (X @ W[:, keep]) / sig2[keep].sqrt()  # (d, q')
 
 
