@@ -130,6 +130,14 @@ class AdvUnlearnCfg:
 
 
 @dataclass
+class MaceCfg:
+    rank: int = 1  # LoRA rank per concept (paper: 1)
+    masks: dict[str, Any] = field(default_factory=lambda: {"name": "none"})  # mask_source of the concept's region
+    lam: float = 1000.0  # fusion: pull toward the refined weights (paper: lamb 1e3)
+    fuse_preserve: float = 0.0  # fusion: weight of the preserve tokens (paper: fuse_preserve_scale 0)
+
+
+@dataclass
 class GridCfg:
     enabled: bool = True
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
@@ -166,6 +174,7 @@ class RunCfg:
     data: DataCfg = field(default_factory=DataCfg)
     adv: AdvCfg = field(default_factory=AdvCfg)
     advunlearn: AdvUnlearnCfg = field(default_factory=AdvUnlearnCfg)
+    mace: MaceCfg = field(default_factory=MaceCfg)
     sampler: SamplerSettings = field(default_factory=SamplerSettings)  # the one sampler dataclass
     grid: GridCfg = field(default_factory=GridCfg)
     logger: LoggerCfg = field(default_factory=LoggerCfg)

@@ -26,7 +26,9 @@ PROVIDERS: dict[str, list[str]] = {
     "class_source": ["ace_lightning.bench.suites", "ace_lightning.toyworld.bench_plugin"],
     "prompt_source": ["ace_lightning.bench.suites"],
     "world_vocabulary": ["ace_lightning.toyworld.plugin"],  # worlds name their concept words (mining excludes them)
-    "method": ["ace_lightning.methods.ace", "ace_lightning.methods.esd", "ace_lightning.methods.advunlearn"],
+    "method": ["ace_lightning.methods.ace", "ace_lightning.methods.esd", "ace_lightning.methods.advunlearn",
+               "ace_lightning.methods.mace"],
+    "mask_source": ["ace_lightning.method.masks"],
     "template_family": ["ace_lightning.data.prompts", "ace_lightning.toyworld.plugin"],
 }
 

@@ -11,7 +11,7 @@ from ace_lightning.config import load_config
 from ace_lightning.registry import ConfigError, names
 from ace_lightning.train import run
 
-METHODS = ["ace", "uce", "esd_x", "esd_u", "advunlearn"]
+METHODS = ["ace", "uce", "esd_x", "esd_u", "advunlearn", "mace"]
 
 
 def _text_out(pipe):
@@ -51,8 +51,9 @@ def test_method_trains_and_its_adapter_applies_and_removes_bit_for_bit(method, t
     steps = 0 if method == "uce" else 2  # UCE is closed-form only
     m = run(tiny_cfg(tiny_model_dir, tmp_path, f"method={method}", f"trainer.max_steps={steps}", "optim.lr=1e-2"))
     # UNet passes: the training steps' (frozen and trained predictions) plus any latents not yet cached
-    # (at least two frozen and one trained prediction per row and step)
-    assert m["cost/unet_forward_samples"] >= 3 * steps and m["cost/text_encoder_forward_samples"] > 0
+    # (at least two frozen and one trained prediction per row and step; MACE's loss has no frozen target)
+    per_step = 1 if method == "mace" else 3  # MACE: one pass of the trained copy (its loss needs no frozen target)
+    assert m["cost/unet_forward_samples"] >= per_step * steps and m["cost/text_encoder_forward_samples"] > 0
     assert m["cost/peak_rss_mib"] > 0 and m["cost/adapt_seconds"] > 0
     assert (m["cost/finetune_seconds"] > 0) == (steps > 0)
     assert m["cost/optimizer_steps"] == steps and (m["cost/unet_backward_samples"] > 0) == (steps > 0)
@@ -60,7 +61,7 @@ def test_method_trains_and_its_adapter_applies_and_removes_bit_for_bit(method, t
         assert m["cost/unet_backward_samples"] >= steps * 3
     path = tmp_path / "dog" / "adapter.safetensors"
     tensors, meta = read_adapter(path)
-    dense = method.startswith("esd") or method == "advunlearn"
+    dense = method.startswith("esd") or method in ("advunlearn", "mace")
     assert meta["method"] == method and meta["kind"] == ("delta" if dense else "gated_lora")
 
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model_dir), safety_checker=None, requires_safety_checker=False)
@@ -80,6 +81,12 @@ def test_method_trains_and_its_adapter_applies_and_removes_bit_for_bit(method, t
         assert tensors and all(k.startswith("text_encoder.") and "encoder.layers.0." in k for k in tensors)
         assert any(float(t.abs().max()) > 0 for t in tensors.values())
 
+    if method == "mace":  # the refined (and fused) cross-attention keys and values, nothing else
+        names = {k.removeprefix("unet.") for k in tensors}
+        assert names and all(".attn2." in n and n.endswith(("to_k.weight", "to_v.weight")) for n in names)
+        assert any(n.endswith("to_k.weight") for n in names) and any(n.endswith("to_v.weight") for n in names)
+        assert all(float(t.abs().max()) > 0 for t in tensors.values())
+
     if method.startswith("esd"):  # only the method's weights are stored and changed
         unet_names = {k.removeprefix("unet.") for k in tensors}
         cross = {n for n in unet_names if ".attn2." in n}
@@ -89,6 +96,19 @@ def test_method_trains_and_its_adapter_applies_and_removes_bit_for_bit(method, t
             assert not cross and not any(n.startswith(("time_embedding.", "conv_out.")) for n in unet_names)
             assert any(".resnets." in n for n in unet_names)
         assert any(float(t.abs().max()) > 0 for t in tensors.values())
+
+
+@pytest.mark.parametrize("method", ["esd_x", "mace"])
+def test_dense_methods_write_the_before_after_grid(method, tiny_model_dir, tmp_path):
+    """The run's image grid renders every method's edit (it read ACE's adapter bank, so a dense method's run
+    crashed at the end of training, before its adapter was written)."""
+    from PIL import Image
+
+    run(tiny_cfg(tiny_model_dir, tmp_path, f"method={method}", "trainer.max_steps=1", "grid.enabled=true",
+                 "grid.seeds=[0]", "grid.preserve_prompts=1"))
+    assert (tmp_path / "dog" / "adapter.safetensors").is_file()
+    with Image.open(tmp_path / "dog" / "grid.png") as im:
+        assert im.width > 0 and im.height > 0
 
 
 def test_uce_is_the_direct_closed_form_update():

@@ -219,8 +219,8 @@ def test_every_recipe_smoke_runs(recipe, tiny_model_dir, tmp_path):
         assert OmegaConf.select(saved, key) == OmegaConf.select(recipe_cfg, key), key
     assert m["train/global_step"] == steps
     _, meta = read_adapter(tmp_path / "dog" / "adapter.safetensors")
-    if meta["kind"] == "delta":  # dense-delta methods (ESD) have no gate
-        assert recipe.startswith(("methods/esd", "methods/advunlearn")) and meta["method"] == saved.method
+    if meta["kind"] == "delta":  # dense-delta methods (ESD, AdvUnlearn, MACE) have no gate
+        assert recipe.startswith(("methods/esd", "methods/advunlearn", "methods/mace")) and meta["method"] == saved.method
     else:
         assert meta["concepts"][0]["gated"] == (not OmegaConf.select(saved, "adapter.ungated"))
 

@@ -57,13 +57,13 @@ class ImageGrid(L.Callback):
         prompts = grid_prompts(dm, self.n_preserve)
         rows = [p for p in prompts for _ in self.seeds]
         seeds = [s for _ in prompts for s in self.seeds]
-        pipe = system.components.pipeline()
-        self.sampler.apply(pipe)
         kw = {"steps": self.sampler.steps, "guidance": self.sampler.guidance, "progress": False}
+        images = {}
         with torch.no_grad():
-            with system.bank.disabled():
-                before = generate(pipe, rows, seeds, **kw)
-            after = generate(pipe, rows, seeds, **kw)
+            for edited in (False, True):  # every method's system gives its pipeline before and after its edit
+                with system.pipeline(edited) as pipe:
+                    images[edited] = generate(self.sampler.apply(pipe), rows, seeds, **kw)
+        before, after = images[False], images[True]
         return save_grid(self.out_path, prompts, before, after, len(self.seeds))
 
     def on_fit_end(self, trainer, pl_module) -> None:

@@ -139,7 +139,7 @@ class ErasureDataset(Dataset):
             "concept": k,
             "ids": cd.ids[j], "span": cd.span[j],
             "emb": cd.emb[j], "emb_neu": cd.emb_neu[j], "target_mask": cd.target_mask[j],
-            "x0": x0, "t": t[0], "noise": torch.randn(x0.shape, generator=g),
+            "x0": x0, "latent": lj, "t": t[0], "noise": torch.randn(x0.shape, generator=g),
             "emb_p": dm.preserve_emb[pj], "preserve_mask": dm.preserve_mask[pj], "ids_p": dm.preserve_ids[pj],
             "x0_p": x0_p, "t_p": t[1], "noise_p": torch.randn(x0_p.shape, generator=g),
         }

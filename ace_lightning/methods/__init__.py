@@ -9,6 +9,7 @@ trained result as an adapter file that ``apply_adapter`` / ``remove_adapter`` ha
 | ``uce`` | ``ace.py`` | nothing: the closed form at full rank, ungated | low-rank factors of the exact dense edit |
 | ``esd_x`` / ``esd_u`` | ``esd.py`` | cross-attention / non-cross-attention UNet weights (ESD loss) | dense deltas |
 | ``advunlearn`` | ``advunlearn.py`` | text-encoder layers, adversarially (attack step + ESD loss + retention) | dense deltas |
+| ``mace`` | ``mace.py`` | closed-form refinement of attn2 keys/values, a LoRA per concept on the keys (attention loss in the concept's region), closed-form fusion | dense deltas |
 
 Each name's settings are a recipe, ``experiments/methods/<name>.yaml``, merged over ``base.yaml`` before any
 ``experiment=`` recipe and the command line; the shared math stays in ``ace_lightning/method/``.

@@ -4,6 +4,7 @@ file of their deltas."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import lightning as L
@@ -52,6 +53,14 @@ class DenseDeltaSystem(L.LightningModule):
     def on_save_checkpoint(self, checkpoint):
         keep = {f"student.{n}" for n in self.trained}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    @contextlib.contextmanager
+    def pipeline(self, edited: bool = True):
+        """A stock pipeline over the frozen components, with the trained copy in place of its part when ``edited``."""
+        pipe = self.components.pipeline()
+        if edited:
+            setattr(pipe, self.part, self.student)
+        yield pipe
 
     @torch.no_grad()
     def deltas(self) -> dict[str, torch.Tensor]:

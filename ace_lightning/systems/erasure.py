@@ -6,6 +6,8 @@ The UNet and text encoder are deliberately not submodules: checkpoints hold only
 
 from __future__ import annotations
 
+import contextlib
+
 import lightning as L
 import torch
 
@@ -62,6 +64,12 @@ class ErasureSystem(L.LightningModule):
         if gate_params:
             groups.append({"params": gate_params, "lr": self.ocfg.lr_gate})
         return torch.optim.AdamW(groups, weight_decay=self.ocfg.weight_decay)
+
+    @contextlib.contextmanager
+    def pipeline(self, edited: bool = True):
+        """A stock pipeline over the frozen components; the adapter bank is on only when ``edited``."""
+        with contextlib.nullcontext() if edited else self.bank.disabled():
+            yield self.components.pipeline()
 
     def _unet(self, x, t, c):
         return self.unet(x.to(self.unet.dtype), t, encoder_hidden_states=c.to(self.unet.dtype)).sample
