@@ -208,7 +208,8 @@ def _fmt(x: float, ci: tuple[float, float] | None = None) -> str:
 def markdown(table: dict, settings: dict, command: str) -> str:
     head = headline(settings)
     prefix = head.rsplit("/", 1)[0] + "/" if "/" in head else ""
-    keys = [head] + [prefix + k for k in ("Acc_e", "Acc_s", "Acc_g", "Acc_e_mod", "Acc_s_mod", "Acc_g_mod", "CS_e", "CS_s")]
+    keys = [head] + [prefix + k for k in ("Acc_e", "Acc_s", "Acc_g", "Acc_e_mod", "Acc_s_mod", "Acc_g_mod", "Acc_look",
+                                        "CS_e", "CS_s")]
     keys = [k for k in keys if any(k in e["metrics"] for e in table.values())]
     cols = keys + ["adapt s", "UNet fwd", "UNet bwd", "peak RSS MiB"]
     lines = [f"# compare: suite `{settings['suite']}`, erased {settings['erased']}", "", f"`{command}`", "",

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from ace_lightning.bench.metrics import (
+    DESCRIBED,
     ERASED,
     MOD,
     NUDENET_EXPOSED,
@@ -115,6 +116,20 @@ def test_identity_erasure_and_state_merge_equals_one_pass():
     assert r1 == pytest.approx(r2)
     assert r1["Acc_e"] == pytest.approx(75.0) and r1["Acc_s"] == pytest.approx(50.0)  # erased: 3 of 4; retained 2 of 4
     assert r1["H_c"] == pytest.approx(100 * 2 / (1 / 0.25 + 1 / 0.5))
+
+
+def test_identity_erasure_reports_the_described_look_only_when_the_suite_has_it():
+    target = torch.tensor([0, 0, 1, 0, 0, 0])
+    pred = torch.tensor([2, 0, 1, 0, 0, 3])
+    group = torch.tensor([ERASED, ERASED, RETAINED, DESCRIBED, DESCRIBED, DESCRIBED])
+    m = IdentityErasure()
+    m.update({"pred": pred, "probs": _one_hot_probs(pred.tolist())}, target, group)
+    r = m.compute()
+    assert r["Acc_look"] == pytest.approx(200 / 3) and r["Acc_e"] == pytest.approx(50.0)  # look: 2 of 3 drawn
+    assert "Acc_e_mod" not in r and r["n_images"] == 6  # the described group is not a modifier group
+    m2 = IdentityErasure()
+    m2.update({"pred": pred[:3], "probs": _one_hot_probs(pred[:3].tolist())}, target[:3], group[:3])
+    assert "Acc_look" not in m2.compute()
 
 
 def test_style_erasure_and_clip_score():

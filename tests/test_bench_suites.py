@@ -69,6 +69,29 @@ def test_modifier_groups():
         ClassPrompts(["a {}"], classes=classes, modifier_templates=["a {color} thing"], modifiers={"color": ["red"]})
 
 
+def test_described_group_holds_the_erased_classes_looks_in_words():
+    """``described_by``: each erased class's descriptions in the plain templates form group ``described`` (target:
+    the class), after every other row (whose indices do not move); a class without a description is an error."""
+    from ace_lightning.bench.suites import ClassPrompts
+    from ace_lightning.registry import register
+
+    looks = {"zorb": ["a red dotted star"], "miv": ["a blue plain heart"]}
+    register("class_source", "_test_looks")(lambda: looks)
+    classes = {"zorb": [], "miv": []}
+    plain = ClassPrompts(["{}", "a photo of {}"], classes=classes, erased=["zorb"])
+    desc = ClassPrompts(["{}", "a photo of {}"], classes=classes, erased=["zorb"], described_by="_test_looks")
+    sel = Selection(images_per_prompt=2)
+    before, after = plain.rows("t", sel), desc.rows("t", sel)
+    assert after[: len(before)] == before
+    extra = after[len(before):]
+    assert {(r.prompt, r.group, r.label, r.target) for r in extra} == {
+        ("a red dotted star", "described", "zorb", 0), ("a photo of a red dotted star", "described", "zorb", 0)}
+    assert len(extra) == 4  # 2 templates x 2 seeds, erased class only
+    register("class_source", "_test_looks_short")(lambda: {"zorb": ["a red dotted star"]})
+    with pytest.raises(ConfigError, match=r"no description for \['miv'\]"):
+        ClassPrompts(["{}"], classes=classes, described_by="_test_looks_short")
+
+
 def test_name_list_suites():
     for name in ("celebrities", "styles"):
         suite = load_suite(name)

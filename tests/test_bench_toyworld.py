@@ -36,7 +36,8 @@ BASE = {
     "toy-objects": {"Acc_e": 100.0, "Acc_s": 100.0, "Acc_g": 100.0, "H_o": 0.0,
                     "clip/Acc_e": 100.0, "clip/Acc_s": 100.0, "clip/Acc_g": 100.0, "clip/H_o": 0.0},
     "toy-styles": {"cls/Acc_e": 100.0, "cls/Acc_s": 100.0, "cls/Acc_g": 100.0, "cls/H_o": 0.0},
-    "toy-characters": {"Acc_e": 100.0, "Acc_s": 100.0, "H_c": 0.0, "clip/Acc_e": 100.0, "clip/Acc_s": 100.0, "clip/H_c": 0.0},
+    "toy-characters": {"Acc_e": 100.0, "Acc_s": 100.0, "H_c": 0.0, "clip/Acc_e": 100.0, "clip/Acc_s": 100.0, "clip/H_c": 0.0,
+                       "Acc_look": 100.0},  # the base model draws zorblax's look from words too
 }
 BASE_CS = {"CS_e": 30.54, "CS_s": 65.64, "CS_g": 27.79}  # toy-styles, toy CLIP score (striped, plain, synonyms)
 # the closed-form 'circle' adapter on toy-objects: circle and its synonyms erased, square kept
@@ -81,8 +82,9 @@ def test_toy_suite_end_to_end(suite, tmp_path, request):
     assert m["settings"]["sampler"]["steps"] == 10 and m["settings"]["erased"] == [erased]
     assert all(i["scorer"].startswith("toy_") and i["weights_sha256"] for i in m["settings"]["scorers"].values())
     n_rows = len(list((tmp_path / "images" / "base").glob("*.png")))
-    # (name [+ erased synonyms]) x 1 template x 1 seed, and as many with the first modifier template
-    assert n_rows == (2 if suite == "toy-characters" else 8)
+    # (name [+ erased synonyms]) x 1 template x 1 seed, and as many with the first modifier template;
+    # toy-characters: the two names and the erased one's look in words
+    assert n_rows == (3 if suite == "toy-characters" else 8)
     assert list(m["results"]) == (["base", "circle"] if extra else ["base"])
     base = _strip(m["results"]["base"])
     assert {k: base[k] for k in BASE[suite]} == BASE[suite]

@@ -15,7 +15,7 @@ from ace_lightning.bench.suites import PromptRow
 from ace_lightning.utils import atomic_save, atomic_write_text
 
 # the headline numbers of each metric set, in table order (everything is in metrics.json)
-HEADLINE = ("Acc_e", "Acc_s", "Acc_g", "H_o", "H_c", "Acc_e_prob", "Acc_s_prob", "Acc_g_prob", "H_o_prob", "H_c_prob",
+HEADLINE = ("Acc_e", "Acc_s", "Acc_g", "Acc_look", "H_o", "H_c", "Acc_e_prob", "Acc_s_prob", "Acc_g_prob", "H_o_prob", "H_c_prob",
             "CS_e", "CS_s", "CS_g", "H_a", "nudenet_total", "nudenet_any", "FID", "CLIP_score")
 
 

@@ -92,6 +92,8 @@ class ClassPrompts:
     line; the classes are their union and the erased file gives the default erased set).
     Groups: an erased class's own name -> ``erased``, its synonyms -> ``synonym``; other classes ->
     ``retained`` (their synonyms -> ``other``, generated only with ``retained_synonyms: true``).
+    ``described_by`` (a registered class source: class -> phrases describing it, e.g. a character's look) adds
+    group ``described``: an erased class's descriptions in the plain templates, which should still be drawn.
 
     ``modifier_templates`` (e.g. ``"a {color} {style} {}"``) with ``modifiers`` (slot -> words) add the same
     groups with modifier words before the class word (``erased_mod``, ``synonym_mod``, ``retained_mod``): each
@@ -103,7 +105,7 @@ class ClassPrompts:
                  class_source: str | None = None, erased_file: str | None = None, retained_file: str | None = None,
                  erased: list[str] | None = None, synonyms: bool = True, retained_synonyms: bool = False,
                  modifier_templates: list[str] | None = None, modifiers: dict[str, list[str]] | None = None,
-                 base_dir: str = ".") -> None:
+                 described_by: str | None = None, base_dir: str = ".") -> None:
         given = [x is not None for x in (classes, class_source, erased_file)]
         if sum(given) != 1:
             raise ConfigError("prompts: give exactly one of classes, class_source, erased_file(+retained_file)")
@@ -133,6 +135,12 @@ class ClassPrompts:
             if empty:
                 raise ConfigError(f"modifiers {empty} have no words")
         self._check(self.default_erased)
+        # a class source giving each class's look in words: an erased class's descriptions form group "described"
+        self.descriptions = {str(k): [str(d) for d in v] for k, v in build("class_source", described_by).items()} \
+            if described_by else {}
+        missing = sorted(set(self.classes) - set(self.descriptions)) if described_by else []
+        if missing:
+            raise ConfigError(f"described_by {described_by!r} has no description for {missing}")
 
     def _check(self, names: list[str]) -> None:
         bad = [n for n in names if n not in self.classes]
@@ -174,6 +182,14 @@ class ClassPrompts:
                             words = {k: rng.choice(v) for k, v in sorted(self.modifiers.items())}
                         rows += [PromptRow(suite, idx, tmpl.format(phrase, **words), sel.seed + k, name, target,
                                            group + mod) for k in range(sel.images_per_prompt)]
+        # the erased classes' looks in words, after everything else (the rows above keep their indices)
+        for target, name in enumerate(self.classes):
+            for phrase in self.descriptions.get(name, []):
+                for t_i, tmpl in enumerate(self.templates):
+                    idx, index = index, index + 1
+                    if name in erased and t_i < n_templates and (wanted is None or name in wanted):
+                        rows += [PromptRow(suite, idx, tmpl.format(phrase), sel.seed + k, name, target, "described")
+                                 for k in range(sel.images_per_prompt)]
         return rows
 
 

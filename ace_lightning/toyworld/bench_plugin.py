@@ -42,6 +42,14 @@ def _toy_characters() -> dict[str, list[str]]:
     return {k: [] for k in CHARACTERS}
 
 
+@register("class_source", "toyworld_character_looks")
+def _toy_character_looks() -> dict[str, list[str]]:
+    """Each character's look in words, "a <colour> <style> <shape>" (the canonical words the captions use)."""
+    from ace_lightning.toyworld.world import CHARACTERS
+
+    return {k: [f"a {color} {style} {shape}"] for k, (shape, color, style) in CHARACTERS.items()}
+
+
 # ---- scorers ---------------------------------------------------------------------------------------
 def _toy_clip():
     from ace_lightning.toyworld.clip import load_toy_clip
