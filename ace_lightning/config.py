@@ -246,7 +246,9 @@ def validate(cfg: DictConfig) -> None:
         if v is not None and not ok(v):
             raise ConfigError(f"{key}={v} is out of range: must be {words}")
     from ace_lightning.method.adapter import slug
+    from ace_lightning.registry import lookup
 
+    lookup("placeholder_position", str(cfg.adv.position))  # a typo fails here, not at the first attack step
     seen: dict[str, str] = {}
     for c in cfg.concepts:
         key = slug(str(c.concept))

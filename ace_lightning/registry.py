@@ -19,6 +19,7 @@ PROVIDERS: dict[str, list[str]] = {
     "token_policy": ["ace_lightning.method.text"],
     "timesteps": ["ace_lightning.method.losses"],
     "attack": ["ace_lightning.method.attack"],
+    "placeholder_position": ["ace_lightning.method.attack"],
     "gate_directions": ["ace_lightning.method.gate"],
     "sampler": ["ace_lightning.models.sampling"],
     "scorer": ["ace_lightning.bench.scorers", "ace_lightning.toyworld.bench_plugin"],

@@ -75,6 +75,18 @@ def test_placeholders_and_soft_prompt_attack(tiny_components, position):
     assert last < first
 
 
+def test_unknown_placeholder_position_names_the_valid_ones():
+    from ace_lightning.method.attack import insert_placeholders
+    from ace_lightning.registry import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown placeholder_position 'middle'; valid: prefix, replace, suffix"):
+        insert_placeholders(torch.zeros(1, 8, dtype=torch.long), torch.tensor([[1, 2]]), 2, "middle", 0)
+    from ace_lightning.config import load_config
+
+    with pytest.raises(ConfigError, match="unknown placeholder_position 'middle'"):
+        load_config(["concept=circle", "adv.position=middle"])  # before any model is loaded
+
+
 def test_prefixed_prompts_end_in_the_phrase_after_one_to_max_words():
     from ace_lightning.data.prompts import prefixed_prompts
 

@@ -6,18 +6,36 @@ from __future__ import annotations
 import torch
 
 from ace_lightning.method.text import encode_ids, eos_position, soft_tokens
-from ace_lightning.registry import register
+from ace_lightning.registry import lookup, register
+
+
+# Where the attack's slots go (registry kind ``placeholder_position``): each entry maps one row's token ids, its
+# concept span [start, end) and the EOS id to (start, cut): the slots go at ``start``, the row resumes at ``cut``.
+@register("placeholder_position", "prefix")
+def _prefix(row: list[int], span: tuple[int, int], eos_id: int) -> tuple[int, int]:
+    return 1, 1  # right after BOS, nothing dropped
+
+
+@register("placeholder_position", "suffix")
+def _suffix(row: list[int], span: tuple[int, int], eos_id: int) -> tuple[int, int]:
+    end = eos_position(row, eos_id)
+    return end, end  # before the row's EOS
+
+
+@register("placeholder_position", "replace")
+def _replace(row: list[int], span: tuple[int, int], eos_id: int) -> tuple[int, int]:
+    return span  # over the concept phrase, which is dropped
 
 
 def insert_placeholders(ids: torch.Tensor, span: torch.Tensor, n_adv: int, position: str, eos_id: int):
     """Ids (B, T) with ``n_adv`` placeholder slots per row, and the slots' positions (B, n_adv).
 
-    ``prefix``: right after BOS; ``suffix``: before each row's EOS; ``replace``: over each row's concept phrase
-    ``span[i] = [start, end)`` (rows may differ in length and phrase position). Placeholders are EOS ids; their
-    embeddings are replaced by :func:`soft_tokens`. Rows keep length T (the tail is cut or EOS-padded).
+    ``position`` names a ``placeholder_position``: ``prefix`` (right after BOS), ``suffix`` (before each row's
+    EOS) or ``replace`` (over each row's concept phrase ``span[i] = [start, end)``; rows may differ in length and
+    phrase position). Placeholders are EOS ids; their embeddings are replaced by :func:`soft_tokens`. Rows keep
+    length T (the tail is cut or EOS-padded).
     """
-    if position not in ("prefix", "suffix", "replace"):
-        raise ValueError(f"adv.position must be prefix, suffix or replace, got {position!r}")
+    where = lookup("placeholder_position", position)
     B, T = ids.shape
     if not 0 < n_adv < T - 1:
         raise ValueError(f"adv.n_adv must be in [1, {T - 2}] for {T}-token prompts, got {n_adv}")
@@ -25,12 +43,7 @@ def insert_placeholders(ids: torch.Tensor, span: torch.Tensor, n_adv: int, posit
     pos = torch.empty(B, n_adv, dtype=torch.long)
     for i in range(B):
         row = ids[i].tolist()
-        if position == "prefix":
-            start, cut = 1, 1  # keep BOS, insert, keep the rest
-        elif position == "suffix":
-            start = cut = eos_position(row, eos_id)
-        else:
-            start, cut = int(span[i, 0]), int(span[i, 1])  # drop the phrase tokens
+        start, cut = where(row, (int(span[i, 0]), int(span[i, 1])), eos_id)
         start = min(start, T - 1 - n_adv)  # the slots and an EOS always fit
         new = (row[:start] + [eos_id] * n_adv + row[cut:])[:T]
         out[i, : len(new)] = torch.tensor(new, dtype=ids.dtype)
