@@ -57,6 +57,7 @@ class MaceSystem(DenseDeltaSystem):
         self.maps: list[torch.Tensor] = []
         self._rows: torch.Tensor | None = None  # concept index of each row in the current forward
         self._hooks: list = []
+        self._processors: dict = {}  # the student's attention processors before recording, put back by fuse()
         self.stats: dict = {}
         self.fused = False
 
@@ -87,6 +88,7 @@ class MaceSystem(DenseDeltaSystem):
             self._hooks.append(lin.register_forward_hook(self._lora_hook(key)))
         self.lora_A.to(self.device)
         self.lora_B.to(self.device)
+        self._processors = dict(self.student.attn_processors)
         self.maps = record_cross_attention(self.student)
         self.masks = self._concept_masks(dm)
 
@@ -135,10 +137,7 @@ class MaceSystem(DenseDeltaSystem):
         self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=B)
         return loss
 
-    # -- stage 3: fusion ---------------------------------------------------------------------------
-    def on_train_end(self) -> None:
-        self.fuse()
-
+    # -- stage 3: fusion, done once where the result is first needed (the grid's pipeline or the deltas) -------
     @torch.no_grad()
     def fuse(self) -> None:
         """Fuse the LoRAs into the key projections (once), then drop the hooks and the map recording."""
@@ -158,11 +157,7 @@ class MaceSystem(DenseDeltaSystem):
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
-        for n, m in self.student.named_modules():
-            if n.endswith("attn2") and hasattr(m, "set_processor"):
-                m.set_processor(AttnProcessor2_0())
+        self.student.set_attn_processor(self._processors)
         self.fused = True
         self.stats["fusion_seconds"] = time.perf_counter() - t0
 
@@ -178,6 +173,10 @@ class MaceSystem(DenseDeltaSystem):
         with super().pipeline(edited) as pipe:
             yield pipe
 
+    def deltas(self) -> dict[str, torch.Tensor]:
+        self.fuse()
+        return super().deltas()
+
 
 @register("method", "mace")
 class MaceMethod(DenseDeltaMethod):
@@ -187,10 +186,6 @@ class MaceMethod(DenseDeltaMethod):
     def build(self, components, cfg, datamodule):
         self.system = MaceSystem(components, cfg.mace, cfg.closed_form, cfg.adapter.targets, cfg.optim.lr)
         return self.system, []
-
-    def save(self, path, system, requests, components, fingerprint, cfg, config_yaml):
-        system.fuse()  # a run with no training steps ends without on_train_end
-        super().save(path, system, requests, components, fingerprint, cfg, config_yaml)
 
     def run_metrics(self, system, datamodule):
         return {"closed_form/seconds": float(system.stats.get("closed_form_seconds", 0.0))}
