@@ -14,19 +14,11 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
+from ace_lightning.data.prompts import ErasureRequest
 from ace_lightning.models.sampling import SamplerSettings
 from ace_lightning.registry import ConfigError
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
-
-
-@dataclass
-class RequestCfg:
-    concept: str = ""
-    kind: str = "object"
-    neutral: str = ""
-    synonyms: list[str] = field(default_factory=list)
-    preserve: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -67,6 +59,7 @@ class LossCfg:
 
 @dataclass
 class OptimCfg:
+    name: str = "adamw"  # registry kind ``optimizer``: adamw, adam
     lr: float = 5e-4
     lr_gate: float = 0.0
     weight_decay: float = 0.0
@@ -159,7 +152,7 @@ class RunCfg:
     synonyms: list[str] = field(default_factory=list)
     method: str = "ace"
     experiment: str = ""
-    concepts: list[RequestCfg] = field(default_factory=list)
+    concepts: list[ErasureRequest] = field(default_factory=list)  # one request's schema is the request itself
     name: str | None = None
     seed: int = 0
     output_dir: str = "outputs"
@@ -209,8 +202,8 @@ def _adhoc(cfg: DictConfig, name: str) -> DictConfig:
     if kind not in DEFAULT_NEUTRALS:
         raise ConfigError(f"unknown kind {kind!r} for concept {name!r}; valid: {sorted(DEFAULT_NEUTRALS)}")
     neutral = cfg.neutral if cfg.neutral else DEFAULT_NEUTRALS[kind]
-    return OmegaConf.structured(RequestCfg(concept=name, kind=kind, neutral=str(neutral),
-                                           synonyms=[str(x) for x in cfg.synonyms]))
+    return OmegaConf.structured(ErasureRequest(concept=name, kind=kind, neutral=str(neutral),
+                                               synonyms=[str(x) for x in cfg.synonyms]))
 
 
 # (key, valid?, the valid range in words): nonsense values are refused before anything is loaded
@@ -249,6 +242,7 @@ def validate(cfg: DictConfig) -> None:
     from ace_lightning.registry import lookup
 
     lookup("placeholder_position", str(cfg.adv.position))  # a typo fails here, not at the first attack step
+    lookup("optimizer", str(cfg.optim.name))  # ... and here, not after the data module's setup
     seen: dict[str, str] = {}
     for c in cfg.concepts:
         key = slug(str(c.concept))

@@ -30,6 +30,7 @@ PROVIDERS: dict[str, list[str]] = {
     "method": ["ace_lightning.methods.ace", "ace_lightning.methods.esd", "ace_lightning.methods.advunlearn",
                "ace_lightning.methods.mace"],
     "mask_source": ["ace_lightning.method.masks"],
+    "optimizer": ["ace_lightning.method.optim"],
     "template_family": ["ace_lightning.data.prompts", "ace_lightning.toyworld.plugin"],
 }
 

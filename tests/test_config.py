@@ -166,3 +166,21 @@ def test_method_data_and_bench_do_not_import_toyworld():
                         else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
                 offenders += [f"{pkg}/{f.name}: {m}" for m in mods if "toyworld" in m]
     assert offenders == []
+
+
+def test_optimizer_is_chosen_by_name():
+    """``optim.name`` selects a registry entry (a typo fails at load, naming the valid ones); the factory keeps a
+    group's own lr (ACE's gate group) and the method recipes choose their papers' optimizer."""
+    import torch
+
+    from ace_lightning.method.optim import optimizer_factory
+
+    with pytest.raises(ConfigError, match="adamw"):
+        load_config(["concept=circle", "optim.name=sgd"])
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    opt = optimizer_factory(OmegaConf.create({"name": "adam", "lr": 1e-3, "weight_decay": 0.0}))(
+        [{"params": [a]}, {"params": [b], "lr": 0.0}])
+    assert type(opt) is torch.optim.Adam and [g["lr"] for g in opt.param_groups] == [1e-3, 0.0]
+    assert load_config(["concept=circle"]).optim.name == "adamw"
+    assert load_config(["concept=circle", "method=esd_x"]).optim.name == "adam"
+    assert load_config(["concept=circle", "method=mace"]).optim.weight_decay == pytest.approx(0.01)

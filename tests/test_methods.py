@@ -113,10 +113,10 @@ def test_dense_methods_write_the_before_after_grid(method, tiny_model_dir, tmp_p
 
 def test_uce_is_the_direct_closed_form_update():
     """With UCE's recipe (ungated, rank unbounded) each layer's B A equals W' − W of the direct formula."""
-    from ace_lightning.callbacks.closed_form import initialize_bank
     from ace_lightning.data.prompts import ErasureRequest
     from ace_lightning.method.adapter import AdapterBank
     from ace_lightning.method.closed_form import direct_update
+    from ace_lightning.method.initialize import initialize_bank
 
     cfg = load_config(["concept=circle", "method=uce"])
     g = torch.Generator().manual_seed(0)

@@ -22,9 +22,9 @@ CF = SimpleNamespace(enabled=True, lam=0.1, s_e=1.0, s_p=1.0)
 
 # -- bug 1: an ungated adapter applies the whole edit ---------------------------------------------------
 def test_ungated_adapter_applies_whole_edit(tiny_components, tmp_path):
-    from ace_lightning.callbacks.closed_form import initialize_bank
     from ace_lightning.data.prompts import ErasureRequest
     from ace_lightning.export import load_into, save_adapter
+    from ace_lightning.method.initialize import initialize_bank
     from ace_lightning.models.loading import load_components, model_fingerprint
 
     unet = tiny_components.unet
@@ -53,9 +53,9 @@ def test_ungated_adapter_applies_whole_edit(tiny_components, tmp_path):
 
 # -- bug 2: half precision --------------------------------------------------------------------------
 def _adapter_file(tiny_components, tmp_path):
-    from ace_lightning.callbacks.closed_form import initialize_bank
     from ace_lightning.data.prompts import ErasureRequest
     from ace_lightning.export import save_adapter
+    from ace_lightning.method.initialize import initialize_bank
     from ace_lightning.models.loading import model_fingerprint
 
     unet = tiny_components.unet

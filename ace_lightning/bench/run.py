@@ -10,7 +10,9 @@ import os
 import sys
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -28,22 +30,28 @@ from ace_lightning.utils import set_threads
 __all__ = ["BenchConfig", "main", "parse_args", "route_overrides"]
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    import lightning as L
+@dataclass
+class Plan:
+    """What one bench run does: the variants (name -> adapter path or None for the base model), the prompt rows of
+    every variant, the rows whose image is still missing, and where everything goes."""
 
+    out: Path
+    run: str
+    model: str | None
+    sampler: dict
+    sel: Any  # suites.Selection
+    variants: dict[str, str | None]
+    rows: list = field(default_factory=list)
+    todo: list = field(default_factory=list)
+    batch_size: int = 1
+
+
+def plan_run(cfg: BenchConfig, suite) -> Plan:
+    """Variants, the erased set (explicit ``erased=``, else the adapters' concepts found in the suite, else the
+    suite's), the rows and the missing images (existing PNGs are kept: a rerun resumes)."""
     from ace_lightning.bench import generation as G
-    from ace_lightning.bench import report
-    from ace_lightning.bench.suites import Selection, load_suite
-    from ace_lightning.utils import quiet_known_notices
+    from ace_lightning.bench.suites import Selection
 
-    quiet_known_notices()
-    cfg = parse_args(sys.argv[1:] if argv is None else argv)
-    # our writer never needs Lightning's batch indices (rows carry their own identity)
-    warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
-    suite = load_suite(cfg.suite)
-    set_threads(cfg.threads, cfg.devices)
-
-    # variants and the erased set: explicit erased=, else the adapters' concepts found in the suite, else the suite's
     variants = ({"base": None} if cfg.base else {}) | adapter_variants(csv_list(cfg.adapter) or [])
     if not variants:
         raise ConfigError("nothing to run: base=false and no adapter=")
@@ -51,28 +59,25 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if erased is None and suite.classes is not None:
         found = [c for a in variants.values() if a for c in adapter_concepts(a) if c in suite.classes.names]
         erased = list(dict.fromkeys(found)) or None
-    sampler = {**suite.sampler, **{k: getattr(cfg, k) for k in ("steps", "guidance", "scheduler") if getattr(cfg, k) is not None}}
+    overrides = {k: getattr(cfg, k) for k in ("steps", "guidance", "scheduler") if getattr(cfg, k) is not None}
     sel = Selection(erased=suite.prompts.resolve_erased(erased), classes=csv_list(cfg.classes), templates=cfg.templates,
                     limit=cfg.limit, csv=cfg.csv, seed=suite.seed if cfg.seed is None else cfg.seed,
                     images_per_prompt=cfg.images_per_prompt or suite.images_per_prompt)
-    base_rows = suite.rows(sel)
-    rows = [G.PromptRow(**{**r.as_dict(), "variant": v}) for v in variants for r in base_rows]
     run = cfg.run or "+".join(variants)
-    out = Path(cfg.out or Path("outputs") / "bench" / suite.name / run)
-    bs = cfg.batch_size or suite.batch_size
-    model = cfg.model or suite.model
-    G.check_generation_settings(out, variants, {"model": model or "ToyWorld", "dtype": cfg.dtype, "sampler": sampler})
-    todo = [r for r in rows if not G.image_path(out, r).is_file()]  # resume: existing PNGs are kept
-    _check_up_front(out, model, cfg.dtype, [a for a in variants.values() if a])
+    plan = Plan(out=Path(cfg.out or Path("outputs") / "bench" / suite.name / run), run=run,
+                model=cfg.model or suite.model, sampler={**suite.sampler, **overrides}, sel=sel, variants=variants,
+                batch_size=cfg.batch_size or suite.batch_size)
+    base_rows = suite.rows(sel)
+    plan.rows = [G.PromptRow(**{**r.as_dict(), "variant": v}) for v in variants for r in base_rows]
+    G.check_generation_settings(plan.out, variants, {"model": plan.model or "ToyWorld", "dtype": cfg.dtype,
+                                                     "sampler": plan.sampler})
+    plan.todo = [r for r in plan.rows if not G.image_path(plan.out, r).is_file()]
+    return plan
 
-    def pipe_factory(device):
-        from ace_lightning.models.loading import load_components
-        from ace_lightning.models.sampling import SamplerSettings
 
-        pipe = load_components(model, dtype=cfg.dtype, device=str(device)).pipeline()
-        return SamplerSettings(**{k: sampler[k] for k in ("scheduler", "steps", "guidance", "eta") if k in sampler}).apply(pipe)
-
-    # scorers are shared between metric sets with the same scorer config
+def build_scoring(suite, cfg: BenchConfig):
+    """The suite's metric sets with ``cfg``'s overrides -> (metrics, scorers, scorer key per config, specs). Scorers
+    are shared between metric sets with the same scorer config; a spec is (tag, scorer key, metric factory)."""
     metrics = route_overrides(suite.metrics, cfg)
     scorer_cfgs = {json.dumps(m["scorer"], sort_keys=True): m["scorer"] for m in metrics}
     scorers = {f"s{i}": build("scorer", c) for i, c in enumerate(scorer_cfgs.values())}
@@ -82,39 +87,80 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     specs = []
     for m in metrics:
         mcfg = {k: v for k, v in m.items() if k not in ("scorer", "tag")}
-        specs.append((m.get("tag", ""), skey[json.dumps(m["scorer"], sort_keys=True)], lambda c=mcfg: build("bench_metric", c)))
+        specs.append((m.get("tag", ""), skey[json.dumps(m["scorer"], sort_keys=True)],
+                      lambda c=mcfg: build("bench_metric", c)))
+    return metrics, scorers, skey, specs
 
-    out.mkdir(parents=True, exist_ok=True)
-    writer = G.ImageWriter(out)
+
+def _pipe_factory(plan: Plan, dtype: str):
+    """device -> the stock pipeline of ``plan.model`` with the plan's sampler (built on each rank)."""
+
+    def make(device):
+        from ace_lightning.models.loading import load_components
+        from ace_lightning.models.sampling import SamplerSettings
+
+        pipe = load_components(plan.model, dtype=dtype, device=str(device)).pipeline()
+        keep = ("scheduler", "steps", "guidance", "eta")
+        return SamplerSettings(**{k: plan.sampler[k] for k in keep if k in plan.sampler}).apply(pipe)
+
+    return make
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    import lightning as L
+
+    from ace_lightning.bench import generation as G
+    from ace_lightning.bench.suites import load_suite
+    from ace_lightning.utils import quiet_known_notices
+
+    quiet_known_notices()
+    cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    # our writer never needs Lightning's batch indices (rows carry their own identity)
+    warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
+    suite = load_suite(cfg.suite)
+    set_threads(cfg.threads, cfg.devices)
+    plan = plan_run(cfg, suite)
+    _check_up_front(plan.out, plan.model, cfg.dtype, [a for a in plan.variants.values() if a])
+    metrics, scorers, skey, specs = build_scoring(suite, cfg)
+
+    plan.out.mkdir(parents=True, exist_ok=True)
     trainer = L.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, strategy="ddp" if cfg.devices > 1 else "auto",
                         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        use_distributed_sampler=False, callbacks=[writer])
+                        use_distributed_sampler=False, callbacks=[G.ImageWriter(plan.out)])
     t0 = time.perf_counter()
-    if todo:
-        trainer.predict(G.GenerationSystem(pipe_factory, variants, sampler, G.make_batches(todo, bs)),
-                        return_predictions=False)
+    if plan.todo:
+        trainer.predict(G.GenerationSystem(_pipe_factory(plan, cfg.dtype), plan.variants, plan.sampler,
+                                           G.make_batches(plan.todo, plan.batch_size)), return_predictions=False)
     gen_wall = time.perf_counter() - t0
     trainer.strategy.barrier()  # every rank's PNGs exist before anyone scores
-    scoring = G.ScoringSystem(out, scorers, specs, list(variants), G.make_batches(rows, bs))
+    scoring = G.ScoringSystem(plan.out, scorers, specs, list(plan.variants), G.make_batches(plan.rows, plan.batch_size))
     trainer.test(scoring, verbose=False)
     results = scoring.compute_results()  # all ranks: all-reduce
     if trainer.global_rank != 0:
         return {}
+    settings = _settings(cfg, suite, plan, metrics, scorers, skey)
+    return _write_reports(cfg, suite, plan, results, settings, gen_wall)
 
+
+def _write_reports(cfg: BenchConfig, suite, plan: Plan, results: dict, settings: dict, gen_wall: float) -> dict:
+    """Rank 0, after scoring: merged score rows, timing, metrics.json/.md, the grid, the bar chart, wandb."""
+    from ace_lightning.bench import report
+
+    out = plan.out
     _merge_rank_files(out, "scores")
-    timing = {"generated": len(todo), "skipped_existing": len(rows) - len(todo), "wall_seconds": gen_wall, "ranks": []}
+    timing = {"generated": len(plan.todo), "skipped_existing": len(plan.rows) - len(plan.todo),
+              "wall_seconds": gen_wall, "ranks": []}
     for p in sorted(out.glob("timing.rank*.json")):
         timing["ranks"].append(json.loads(p.read_text()))
         p.unlink()
-    if todo and timing["ranks"]:
-        timing["images_per_second"] = len(todo) / max(r["seconds"] for r in timing["ranks"])
-    settings = _settings(cfg, suite, sampler, sel, variants, run, metrics, scorers, skey, model)
+    if plan.todo and timing["ranks"]:
+        timing["images_per_second"] = len(plan.todo) / max(r["seconds"] for r in timing["ranks"])
     report.write_metrics_json(out, results, settings, timing)
     report.write_markdown(out, results, settings)
-    grid = report.image_grid(out, rows, list(variants), cfg.grid or suite.grid.get("prompts", 4))
+    grid = report.image_grid(out, plan.rows, list(plan.variants), cfg.grid or suite.grid.get("prompts", 4))
     report.bar_chart(out, results)
-    primary = list(variants)[-1]
-    _log_wandb(cfg, out, run, suite.name, results, primary, grid)
+    primary = list(plan.variants)[-1]
+    _log_wandb(cfg, out, plan.run, suite.name, results, primary, grid)
     print(report.markdown_table(results, settings))
     print(f"reports in {out}")
     return results[primary]
@@ -131,7 +177,7 @@ def _merge_rank_files(out: Path, stem: str) -> None:
         p.unlink()
 
 
-def _settings(cfg, suite, sampler, sel, variants, run, metrics, scorers, skey, model) -> dict:
+def _settings(cfg, suite, plan: Plan, metrics, scorers, skey) -> dict:
     import diffusers
     import open_clip
     import torchmetrics
@@ -139,13 +185,15 @@ def _settings(cfg, suite, sampler, sel, variants, run, metrics, scorers, skey, m
     import ace_lightning
     from ace_lightning.bench.scorers import file_digest
 
+    sel, variants = plan.sel, plan.variants
     by_key = {v: k for k, v in skey.items()}
     return {
-        "suite": suite.name, "suite_file": suite.path, "run": run, "model": model or "ToyWorld", "dtype": cfg.dtype,
-        "variants": variants, "adapter_sha256": {v: file_digest(a) for v, a in variants.items() if a}, "sampler": sampler, "images_per_prompt": sel.images_per_prompt, "seed": sel.seed,
+        "suite": suite.name, "suite_file": suite.path, "run": plan.run, "model": plan.model or "ToyWorld",
+        "dtype": cfg.dtype, "variants": variants, "adapter_sha256": {v: file_digest(a) for v, a in variants.items() if a},
+        "sampler": plan.sampler, "images_per_prompt": sel.images_per_prompt, "seed": sel.seed,
         "seeds": f"{sel.seed}..{sel.seed + sel.images_per_prompt - 1} per prompt (csv seed_column overrides)",
         "erased": sel.erased, "classes": sel.classes, "templates": sel.templates, "limit": sel.limit, "csv": sel.csv,
-        "prompts": suite.prompts_cfg, "devices": cfg.devices, "batch_size": cfg.batch_size or suite.batch_size,
+        "prompts": suite.prompts_cfg, "devices": cfg.devices, "batch_size": plan.batch_size,
         "metrics": [{k: v for k, v in m.items() if k != "scorer"} | {"scorer": m["scorer"]} for m in metrics],
         "scorers": {k: scorers[k].info() for k in scorers},
         "scorer_configs": {k: json.loads(by_key[k]) for k in scorers},

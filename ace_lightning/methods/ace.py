@@ -14,10 +14,13 @@ class AceMethod:
 
     def build(self, components, cfg, datamodule):
         from ace_lightning.callbacks.closed_form import ClosedFormInit
+        from ace_lightning.method.optim import optimizer_factory
         from ace_lightning.systems.erasure import ErasureSystem
 
         self.closed_form = ClosedFormInit(cfg.closed_form, cfg.adapter)
-        return ErasureSystem(components, cfg.adapter, cfg.loss, cfg.optim, cfg.adv), [self.closed_form]
+        system = ErasureSystem(components, [r.concept for r in datamodule.requests], cfg.adapter.targets, cfg.loss,
+                               cfg.adv, optimizer_factory(cfg.optim), lr_gate=cfg.optim.lr_gate)
+        return system, [self.closed_form]
 
     def save(self, path, system, requests, components, fingerprint, cfg, config_yaml):
         from ace_lightning.export import save_adapter

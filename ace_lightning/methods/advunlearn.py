@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ace_lightning.method.attack import insert_placeholders
 from ace_lightning.method.losses import erase_loss
+from ace_lightning.method.optim import optimizer_factory
 from ace_lightning.method.text import encode_ids, soft_tokens
 from ace_lightning.methods.deltas import DenseDeltaMethod, DenseDeltaSystem
 from ace_lightning.registry import build, register
@@ -40,9 +41,9 @@ def text_layer_names(text_encoder: torch.nn.Module, layers: list[int]) -> list[s
 
 
 class AdvUnlearnSystem(DenseDeltaSystem):
-    def __init__(self, components, layers: list[int], eta: float, alpha_retain: float, lr: float, adv_cfg):
-        super().__init__(components, "text_encoder", text_layer_names(components.text_encoder, list(layers)))
-        self.eta, self.alpha_retain, self.lr, self.adv = eta, alpha_retain, lr, adv_cfg
+    def __init__(self, components, layers: list[int], eta: float, alpha_retain: float, optimizer, adv_cfg):
+        super().__init__(components, "text_encoder", text_layer_names(components.text_encoder, list(layers)), optimizer)
+        self.eta, self.alpha_retain, self.adv = eta, alpha_retain, adv_cfg
 
     def training_step(self, batch, batch_idx):
         sch = self.noise_scheduler
@@ -80,5 +81,5 @@ class AdvUnlearnSystem(DenseDeltaSystem):
 @register("method", "advunlearn")
 class AdvUnlearnMethod(DenseDeltaMethod):
     def build(self, components, cfg, datamodule):
-        return AdvUnlearnSystem(components, list(cfg.advunlearn.layers), cfg.loss.eta, cfg.loss.alpha_pres, cfg.optim.lr,
-                                cfg.adv), []
+        return AdvUnlearnSystem(components, list(cfg.advunlearn.layers), cfg.loss.eta, cfg.loss.alpha_pres,
+                                optimizer_factory(cfg.optim), cfg.adv), []

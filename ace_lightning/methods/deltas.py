@@ -16,9 +16,10 @@ from ace_lightning.systems.erasure import training_noise_scheduler
 class DenseDeltaSystem(L.LightningModule):
     """``student``: a float32 copy of the pipeline's ``part`` (unet or text_encoder) in which only the weights named in
     ``trained`` learn. The frozen ``unet`` and ``text_encoder`` stay outside the module (never trained, never saved);
-    ``uncond`` is the frozen text encoder's embedding of the empty prompt (1, T, d)."""
+    ``uncond`` is the frozen text encoder's embedding of the empty prompt (1, T, d). ``optimizer``: params ->
+    optimizer (``method.optim.optimizer_factory`` of the ``optim`` section)."""
 
-    def __init__(self, components, part: str, trained: list[str]):
+    def __init__(self, components, part: str, trained: list[str], optimizer):
         super().__init__()
         object.__setattr__(self, "components", components)
         object.__setattr__(self, "unet", components.unet)
@@ -26,6 +27,7 @@ class DenseDeltaSystem(L.LightningModule):
         object.__setattr__(self, "frozen_part", getattr(components, part))
         self.noise_scheduler = training_noise_scheduler(components.scheduler)
         self.part = part
+        self.make_optimizer = optimizer
         self.student = copy.deepcopy(self.frozen_part).float()
         self.student.train()  # (dropout is whatever the model config says)
         self.trained = list(trained)
@@ -48,7 +50,7 @@ class DenseDeltaSystem(L.LightningModule):
         return self.unet(x.to(self.unet.dtype), t, encoder_hidden_states=c.to(self.unet.dtype)).sample.float()
 
     def configure_optimizers(self):
-        return torch.optim.Adam([p for p in self.student.parameters() if p.requires_grad], lr=self.lr)
+        return self.make_optimizer([p for p in self.student.parameters() if p.requires_grad])
 
     def on_save_checkpoint(self, checkpoint):
         keep = {f"student.{n}" for n in self.trained}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ace_lightning.method.losses import erase_loss
+from ace_lightning.method.optim import optimizer_factory
 from ace_lightning.methods.deltas import DenseDeltaMethod, DenseDeltaSystem
 from ace_lightning.registry import register
 
@@ -38,9 +39,9 @@ def esd_parameter_names(unet: torch.nn.Module, which: str) -> list[str]:
 class EsdSystem(DenseDeltaSystem):
     """A trainable copy of the UNet (``student``) against the frozen one; only the selected weights train."""
 
-    def __init__(self, components, which: str, eta: float, lr: float):
-        super().__init__(components, "unet", esd_parameter_names(components.unet, which))
-        self.eta, self.lr = eta, lr
+    def __init__(self, components, which: str, eta: float, optimizer):
+        super().__init__(components, "unet", esd_parameter_names(components.unet, which), optimizer)
+        self.eta = eta
 
     def training_step(self, batch, batch_idx):
         x_t = self.noise_scheduler.add_noise(batch["x0"], batch["noise"], batch["t"])  # (B, c, h, w)
@@ -62,7 +63,7 @@ class EsdMethod(DenseDeltaMethod):
         self.which = which
 
     def build(self, components, cfg, datamodule):
-        return EsdSystem(components, self.which, cfg.loss.eta, cfg.optim.lr), []
+        return EsdSystem(components, self.which, cfg.loss.eta, optimizer_factory(cfg.optim)), []
 
     def stats(self):
         return {"trained_weights": self.which}

@@ -26,6 +26,7 @@ from ace_lightning.method.adapter import layer_key
 from ace_lightning.method.attention_maps import masked_attention_loss, record_cross_attention
 from ace_lightning.method.closed_form import EditedWeights, preserve_factor, solve_concepts
 from ace_lightning.method.fusion import fuse_projection
+from ace_lightning.method.optim import optimizer_factory
 from ace_lightning.methods.deltas import DenseDeltaMethod, DenseDeltaSystem
 from ace_lightning.registry import build, register
 from ace_lightning.utils import say
@@ -43,12 +44,12 @@ class MaceSystem(DenseDeltaSystem):
     """A float32 copy of the UNet whose ``attn2`` key/value weights carry the CFR edit, with per-concept LoRAs
     (A_k (r, d), B_k^l (o, r)) added to every key projection while training."""
 
-    def __init__(self, components, mace_cfg, closed_form_cfg, targets, lr: float):
+    def __init__(self, components, mace_cfg, closed_form_cfg, targets, optimizer):
         unet = components.unet
         names = [n for n, _ in unet.named_parameters()
                  if ".attn2." in n and n.endswith(tuple(f".{t}.weight" for t in targets))]
-        super().__init__(components, "unet", names)
-        self.mcfg, self.cf, self.lr = mace_cfg, closed_form_cfg, lr
+        super().__init__(components, "unet", names, optimizer)
+        self.mcfg, self.cf = mace_cfg, closed_form_cfg
         self.key_layers = {layer_key(n.removesuffix(".weight")): n.removesuffix(".weight")
                            for n in names if n.endswith(".to_k.weight")}
         self.lora_A = nn.ParameterDict()  # layer key -> (K, r, d)
@@ -116,7 +117,7 @@ class MaceSystem(DenseDeltaSystem):
         return out
 
     def configure_optimizers(self):
-        return torch.optim.AdamW([*self.lora_A.values(), *self.lora_B.values()], lr=self.lr, weight_decay=0.01)
+        return self.make_optimizer([*self.lora_A.values(), *self.lora_B.values()])
 
     # -- stage 2: the attention loss ------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
@@ -184,7 +185,7 @@ class MaceMethod(DenseDeltaMethod):
         self.system: MaceSystem | None = None
 
     def build(self, components, cfg, datamodule):
-        self.system = MaceSystem(components, cfg.mace, cfg.closed_form, cfg.adapter.targets, cfg.optim.lr)
+        self.system = MaceSystem(components, cfg.mace, cfg.closed_form, cfg.adapter.targets, optimizer_factory(cfg.optim))
         return self.system, []
 
     def run_metrics(self, system, datamodule):

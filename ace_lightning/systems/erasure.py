@@ -31,27 +31,36 @@ def training_noise_scheduler(scheduler):
 
 
 class ErasureSystem(L.LightningModule):
+    """``concepts``: the erased concepts in the data module's order (batch["concept"] indexes it); ``targets``: the
+    projections the bank adapts; ``loss``: eta, alpha_pres, alpha_gate; ``adv``: the inner attack's settings;
+    ``optimizer``: params -> optimizer (``method.optim.optimizer_factory``), whose lr the factors use and
+    ``lr_gate`` the gates (0: gates keep their fitted values). The bank's adapters are added by the closed-form
+    callback, which also hands over the vocabulary tokens the gate loss uses as negatives
+    (``set_gate_vocabulary``)."""
+
     GATE_VOCAB_SAMPLE = 256  # vocabulary tokens added to the gate loss's negatives per step
 
-    def __init__(self, components, adapter_cfg, loss_cfg, optim_cfg, adv_cfg):
+    def __init__(self, components, concepts: list[str], targets: list[str], loss, adv, optimizer, lr_gate: float = 0.0):
         super().__init__()
         object.__setattr__(self, "components", components)
         object.__setattr__(self, "unet", components.unet)
         object.__setattr__(self, "text_encoder", components.text_encoder)
         self.noise_scheduler = training_noise_scheduler(components.scheduler)
-        self.acfg, self.lcfg, self.ocfg, self.adv = adapter_cfg, loss_cfg, optim_cfg, adv_cfg
-        self.bank = inject(components.unet, adapter_cfg.targets)
-        self.concept_keys: list[str] = []
+        self.lcfg, self.adv = loss, adv
+        self.make_optimizer, self.lr_gate = optimizer, float(lr_gate)
+        self.bank = inject(components.unet, targets)
+        self.concept_keys: list[str] = list(concepts)
         self.adv_pool: list[dict] = []
         self.vocab_tokens = torch.zeros(0, 0)
+
+    def set_gate_vocabulary(self, tokens: torch.Tensor) -> None:
+        """(n_v, d) vocabulary tokens; each step samples ``GATE_VOCAB_SAMPLE`` of them as extra gate negatives."""
+        self.vocab_tokens = tokens.contiguous()
 
     # -- plumbing ----------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         self.unet.to(self.device)
         self.text_encoder.to(self.device)
-        dm = self.trainer.datamodule
-        self.concept_keys = [cd.request.concept for cd in dm.concepts]
-        self.vocab_tokens = dm.P_vocab_gate.T.contiguous()  # (n_v, d): gate negatives from the model's vocabulary
 
     def on_fit_start(self) -> None:
         self.unet.to(self.device)
@@ -60,10 +69,10 @@ class ErasureSystem(L.LightningModule):
     def configure_optimizers(self):
         gate_params = [p for ad in self.bank.concepts.values() for p in (ad.gamma, ad.tau) if p.requires_grad]
         lora_params = [p for ad in self.bank.concepts.values() for p in [ad.A, *ad.B.values()]]
-        groups = [{"params": lora_params, "lr": self.ocfg.lr}]
+        groups = [{"params": lora_params}]
         if gate_params:
-            groups.append({"params": gate_params, "lr": self.ocfg.lr_gate})
-        return torch.optim.AdamW(groups, weight_decay=self.ocfg.weight_decay)
+            groups.append({"params": gate_params, "lr": self.lr_gate})
+        return self.make_optimizer(groups)
 
     @contextlib.contextmanager
     def pipeline(self, edited: bool = True):

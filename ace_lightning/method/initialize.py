@@ -1,0 +1,79 @@
+"""ACE's stage 1 (spec §5): one gated adapter per concept, its low-rank factors from the closed form and its gate
+fitted against the preserve tokens and the concept's hard negatives. Wired into training by
+``callbacks/closed_form.py``."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ace_lightning.method import gate as G
+from ace_lightning.method.adapter import AdapterBank
+from ace_lightning.method.closed_form import EditedWeights, preserve_factor, solve_concepts
+from ace_lightning.registry import build
+
+
+def initialize_bank(bank: AdapterBank, weights: dict[str, torch.Tensor], concepts, P: torch.Tensor, cf, acfg,
+                    P_gate: torch.Tensor | None = None, hard_negatives=None) -> dict:
+    """Fill ``bank`` with one gated adapter per concept (``concepts``: ConceptData list). Returns stats.
+
+    ``P`` (d, m): preserve tokens of the closed form; ``P_gate``: those the gate is calibrated to stay shut on
+    (default ``P``). ``cf``: closed-form settings (enabled, lam, s_e, s_p); ``acfg``: adapter settings (rank, gate_q,
+    gate_project_out, gate_target, gate_fit_steps, ungated). ``hard_negatives(concept_data, score)`` -> (d, n): more
+    negatives for fitting that concept's gate, chosen with its calibrated score (the DataModule's
+    ``hard_negatives``). One factorisation of M serves every concept.
+    """
+    t0 = time.perf_counter()
+    d = P.shape[0]
+    factor = preserve_factor(P, d, cf.lam, cf.s_p)  # shared by every concept and layer
+    P_gate = P if P_gate is None else P_gate
+    directions = build("gate_directions", {"name": acfg.gate_directions, "q": acfg.gate_q,
+                                           "project_out": acfg.gate_project_out, "hard_rounds": acfg.gate_hard_rounds},
+                       P=P_gate)  # C (d, n) -> Q (d, q)
+    stacked = EditedWeights.stack(weights)
+    P_hat = G.unit_columns(P_gate)  # (d, m'), scored by every concept's gate
+    stats = {}
+    solved = solve_concepts(stacked, [(cd.C, cd.N) for cd in concepts], factor, cf.s_e, acfg.rank) if cf.enabled else None
+    for i, cd in enumerate(concepts):
+        name = cd.request.concept
+        if solved is not None:
+            res = solved[i]
+            A, B, energy = res.A, res.B, res.energy_kept
+        else:  # LoRA-style start: A on the targets' principal directions, B = 0 (identity)
+            U = torch.linalg.svd(cd.C.double(), full_matrices=False).U[:, : acfg.rank]
+            A, B, energy = U.T.float(), {k: torch.zeros(W.shape[0], U.shape[1]) for k, W in weights.items()}, 0.0
+        ad = bank.add_concept(name, rank=A.shape[0], q=acfg.gate_q)
+        ad.gated = not acfg.ungated  # ungated: gate exactly 1, the plain (UCE-like) low-rank edit
+        ad.carry = acfg.gate_carry
+        with torch.no_grad():
+            ad.A.copy_(A)
+            for k in weights:
+                ad.B[k].copy_(B[k])
+            Q = directions(cd.C)  # (d, q')
+            ad.Q = torch.zeros(d, acfg.gate_q)
+            ad.Q[:, : Q.shape[1]] = Q
+            s_t, s_p = G.scores(ad.Q, cd.C), G.scores(ad.Q, P_hat, unit=True)
+            # calibrated even when ungated (unused then: that gate is exactly 1), so a file can be re-gated
+            gamma, tau = G.calibrate(s_t, s_p, target_gate=acfg.gate_target)
+            if acfg.gate_fit_steps and not acfg.ungated:
+                pos = cd.C if cd.gate_pos is None else torch.cat([cd.C, cd.gate_pos], 1)  # (d, n + n_g)
+                neg = P_gate if hard_negatives is None else torch.cat(
+                    [P_gate, hard_negatives(cd, lambda X, Q=ad.Q: G.scores(Q, X.T))], 1)  # (d, m + n_h)
+                Qf, gamma, tau = G.fit_gate(ad.Q, gamma, tau, pos, neg, steps=acfg.gate_fit_steps, seed=i)
+                ad.Q = Qf.contiguous()
+            ad.gamma.fill_(gamma)
+            ad.tau.fill_(tau)
+            g_pres = ad.gate(P_gate.T)  # (m',)
+            stats[name] = {
+                "rank": A.shape[0], "energy_kept": energy, "gamma": gamma, "tau": tau,
+                "gate_target_mean": float(ad.gate(cd.C.T).mean()), "gate_preserve_mean": float(g_pres.mean()),
+                "gate_preserve_max": float(g_pres.max()),
+                "score_target_q05_q50": [float(torch.quantile(s_t.double(), q)) for q in (0.05, 0.5)],
+                "score_preserve_q50_q99": [float(torch.quantile(s_p.double(), q)) for q in (0.5, 0.99)],
+            }
+        if acfg.ungated:
+            ad.gamma.requires_grad_(False)
+            ad.tau.requires_grad_(False)
+    stats["_seconds"] = time.perf_counter() - t0
+    return stats
