@@ -193,6 +193,83 @@ def summarise(settings: dict, scores: list[dict], runs: dict[str, Path], n_boot:
     return table
 
 
+def summarise_attacks(bench_dir: Path, settings: dict, table: dict, n_boot: int, seed: int = 0) -> list[str]:
+    """Adds ``ASR_pre``, ``ASR_<attack>`` and ``ASR_any`` (percent) with 95 % intervals over prompts (all seeds of
+    a prompt resampled together) to every variant of ``table``; returns the ASR column names (none when the bench
+    ran no attack). Definitions: ``bench/attacks.py``."""
+    tag = settings.get("attack_scorer_tag")
+    if tag is None:
+        return []
+    names = list(settings.get("attacks", {}))
+    scores = [s for s in load_scores(bench_dir) if s["tag"] == tag]
+    path = bench_dir / "attack_scores.jsonl"
+    attacked = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
+    attacked = [s for s in attacked if s["tag"] == tag]
+    shown = {(s["variant"], s["index"], s["seed"]): int(s["pred"]) == int(s["target"]) for s in scores}
+    hit: dict[tuple, bool] = {}
+    for s in attacked:
+        k = (s["variant"], s["attack"], s["index"], s["seed"])
+        hit[k] = hit.get(k, False) or int(s["pred"]) == int(s["target"])
+    cols = ["ASR_pre", *(f"ASR_{a}" for a in names), "ASR_any"]
+    rng = np.random.default_rng(seed)
+    for v, e in table.items():
+        keys = sorted({(s["index"], s["seed"]) for s in attacked if s["variant"] == v})
+        if not keys:
+            continue
+        pre = np.array([shown.get((v, i, sd), False) for i, sd in keys])
+        mat = [pre] + [pre | np.array([hit.get((v, a, i, sd), False) for i, sd in keys]) for a in names]
+        mat = np.stack(mat + [np.any(np.stack(mat), 0)], 1).astype(float)  # (rows, columns)
+        prompts = sorted({i for i, _ in keys})
+        members = {p: [j for j, (i, _) in enumerate(keys) if i == p] for p in prompts}
+        boots = []
+        for _ in range(n_boot):
+            pick = [j for p in rng.choice(prompts, len(prompts)) for j in members[int(p)]]
+            boots.append(mat[pick].mean(0))
+        for c, name in enumerate(cols):
+            e["metrics"][name] = 100.0 * float(mat[:, c].mean())
+            if boots:
+                b = 100.0 * np.array([x[c] for x in boots])
+                e["ci"][name] = (float(np.percentile(b, 2.5)), float(np.percentile(b, 97.5)))
+    return cols
+
+
+def plot_asr(table: dict, settings: dict, path: Path) -> Path | None:
+    """The headline number against ``ASR_any`` (the concept back under any attack), one point per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    head = headline(settings)
+    pts = [(v, e) for v, e in table.items() if "ASR_any" in e["metrics"]]
+    if not pts:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for v, e in pts:
+        x, y = e["metrics"]["ASR_any"], e["metrics"].get(head, math.nan)
+        xl, xh = e["ci"].get("ASR_any", (x, x))
+        yl, yh = e["ci"].get(head, (y, y))
+        ax.errorbar([x], [y], xerr=[[max(0.0, x - xl)], [max(0.0, xh - x)]], yerr=[[max(0.0, y - yl)], [max(0.0, yh - y)]],
+                    fmt="o", capsize=3)
+        ax.annotate(v, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel("ASR under any attack (%, lower is better)")
+    return _save_plot(fig, ax, settings, head, path)
+
+
+def _save_plot(fig, ax, settings: dict, head: str, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    from ace_lightning.utils import atomic_save
+
+    ax.set_ylabel(f"{head} (%)")
+    ax.set_title(f"{settings['suite']}: erased {', '.join(settings['erased'] or [])}")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    atomic_save(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+    return path
+
+
 def headline(settings: dict) -> str:
     m = next(m for m in settings["metrics"] if m["name"] in HEADLINE)
     return (f"{m['tag']}/" if m.get("tag") else "") + HEADLINE[m["name"]]
@@ -210,6 +287,8 @@ def markdown(table: dict, settings: dict, command: str) -> str:
     prefix = head.rsplit("/", 1)[0] + "/" if "/" in head else ""
     keys = [head] + [prefix + k for k in ("Acc_e", "Acc_s", "Acc_g", "Acc_e_mod", "Acc_s_mod", "Acc_g_mod", "Acc_look",
                                         "CS_e", "CS_s")]
+    keys += sorted({k for e in table.values() for k in e["metrics"] if k.startswith("ASR_")},
+                   key=lambda k: (k != "ASR_pre", k == "ASR_any", k))  # attacks: pre first, any last
     keys = [k for k in keys if any(k in e["metrics"] for e in table.values())]
     cols = keys + ["adapt s", "UNet fwd", "UNet bwd", "peak RSS MiB"]
     lines = [f"# compare: suite `{settings['suite']}`, erased {settings['erased']}", "", f"`{command}`", "",
@@ -247,15 +326,7 @@ def plot(table: dict, settings: dict, path: Path) -> Path | None:
         ax.annotate(v, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("adaptation seconds (log)")
-    ax.set_ylabel(f"{head} (%)")
-    ax.set_title(f"{settings['suite']}: erased {', '.join(settings['erased'] or [])}")
-    ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    from ace_lightning.utils import atomic_save
-
-    atomic_save(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
-    return path
+    return _save_plot(fig, ax, settings, head, path)
 
 
 def method_grid(bench_dir: Path, scores: list[dict], variants: list[str], path: Path, n: int = 4) -> Path | None:
@@ -344,12 +415,14 @@ def main(argv: list[str] | None = None) -> dict:
     scores = load_scores(bench_dir)
     say(f"bootstrap ({cfg.boot} resamples) ...")
     table = summarise(settings, scores, runs, cfg.boot)
+    summarise_attacks(bench_dir, settings, table, cfg.boot)
     command = "make compare " + " ".join(argv)
     result = {"suite": cfg.suite, "concept": cfg.concept, "methods": cfg.methods, "headline": headline(settings),
               "table": table, "settings": settings, "command": command, "seconds": time.perf_counter() - t0}
     atomic_write_json(out / "compare.json", result)
     atomic_write_text(out / "compare.md", markdown(table, settings, command))
     plot(table, settings, out / "compare.png")
+    plot_asr(table, settings, out / "compare_asr.png")
     method_grid(bench_dir, scores, list(settings["variants"]), out / "grid.png")
     if cfg.logger == "wandb":
         os.environ.setdefault("WANDB_MODE", "offline")
@@ -362,7 +435,7 @@ def main(argv: list[str] | None = None) -> dict:
             data = [[v, e["metrics"].get(head), *e["ci"].get(head, (None, None)), *[e["cost"].get(k) for k in COST]]
                     for v, e in table.items() if e.get("cost")]
             wrun.log({"compare/table": wandb.Table(columns=cols, data=data),
-                      **{f"compare/{n}": wandb.Image(str(out / n)) for n in ("compare.png", "grid.png")
+                      **{f"compare/{n}": wandb.Image(str(out / n)) for n in ("compare.png", "compare_asr.png", "grid.png")
                          if (out / n).is_file()}})
             wrun.finish()
     elif cfg.logger != "none":

@@ -18,7 +18,9 @@ _REGISTRY: dict[str, dict[str, Callable[..., Any]]] = {}
 PROVIDERS: dict[str, list[str]] = {
     "token_policy": ["ace_lightning.method.text"],
     "timesteps": ["ace_lightning.method.losses"],
-    "attack": ["ace_lightning.method.attack"],
+    "inner_attack": ["ace_lightning.method.attack"],  # the training-side attack (adv.name)
+    "attack": ["ace_lightning.attacks.soft_prompt", "ace_lightning.attacks.discrete",
+               "ace_lightning.attacks.textual_inversion", "ace_lightning.attacks.prompt_search"],
     "placeholder_position": ["ace_lightning.method.attack"],
     "gate_directions": ["ace_lightning.method.gate"],
     "sampler": ["ace_lightning.models.sampling"],

@@ -3,8 +3,9 @@ helpers that turn them into variants, an erased set and scorer arguments."""
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from ace_lightning.registry import ConfigError, lookup
 
@@ -40,6 +41,10 @@ class BenchConfig:
     grid: int | None = None  # prompts in the base-vs-erased grid (default: the suite's)
     threads: int | None = None  # torch threads per process (default: cores // devices)
     logger: str = "wandb"  # wandb (offline unless WANDB_MODE=online) | none
+    attacks: str | None = None  # comma-separated attacks run on the erased prompts (ASR_<attack> per variant)
+    attack: dict[str, Any] = field(default_factory=dict)  # attack.<name>.<key>=v: budget overrides
+    attack_limit: int | None = None  # attack only the first n erased rows of each variant (default: all)
+    attack_seed: int = 0  # seed of every attack's random draws
 
 
 # run key -> (where, key in the scorer's / metric set's constructor); applied where the constructor takes it

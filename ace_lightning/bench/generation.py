@@ -106,6 +106,8 @@ def load_png(path: Path) -> torch.Tensor:
 class GenerationSystem(L.LightningModule):
     """Generates images for batches of rows; ``variants`` maps a variant name to an adapter path (None = base)."""
 
+    rows_stem = "rows"  # ImageWriter appends the generated rows to <rows_stem>.rank<r>.jsonl
+
     def __init__(self, pipe_factory: Callable[[torch.device], object], variants: dict[str, str | None],
                  sampler: dict, batches: list[list[PromptRow]]) -> None:
         super().__init__()
@@ -158,8 +160,11 @@ class ImageWriter(BasePredictionWriter):
         self.out_dir = Path(out_dir)
         self.n_images, self.seconds = 0, 0.0
 
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self.n_images, self.seconds = 0, 0.0
+
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
-        with open(self.out_dir / f"rows.rank{trainer.global_rank}.jsonl", "a") as f:
+        with open(self.out_dir / f"{pl_module.rows_stem}.rank{trainer.global_rank}.jsonl", "a") as f:
             for row, img in zip(prediction["rows"], prediction["images"], strict=True):
                 save_png(img, image_path(self.out_dir, row))
                 f.write(json.dumps(row.as_dict()) + "\n")
@@ -167,7 +172,8 @@ class ImageWriter(BasePredictionWriter):
         self.seconds += prediction["seconds"]
 
     def on_predict_end(self, trainer, pl_module) -> None:
-        (self.out_dir / f"timing.rank{trainer.global_rank}.json").write_text(
+        name = "timing" if pl_module.rows_stem == "rows" else f"{pl_module.rows_stem}_timing"
+        (self.out_dir / f"{name}.rank{trainer.global_rank}.json").write_text(
             json.dumps({"images": self.n_images, "seconds": self.seconds, "threads": torch.get_num_threads()})
         )
 
@@ -175,13 +181,15 @@ class ImageWriter(BasePredictionWriter):
 class ScoringSystem(L.LightningModule):
     """Scores every row's PNG: each scorer once per batch, then the metric sets of the batch's variant.
 
-    ``metric_specs``: list of (tag, scorer key, metric factory); one metric instance per (variant, tag).
+    ``metric_specs``: list of (tag, scorer key, metric factory); one metric instance per (variant, tag). Rows made
+    by an attack only get their per-image scores written (``<stem>.rank<r>.jsonl``); they never enter the suite's
+    metric sets.
     """
 
     def __init__(self, out_dir: str | Path, scorers: dict[str, nn.Module], metric_specs: list[tuple[str, str, Callable]],
-                 variants: list[str], batches: list[list[PromptRow]]) -> None:
+                 variants: list[str], batches: list[list[PromptRow]], stem: str = "scores") -> None:
         super().__init__()
-        self.out_dir, self.batches, self.variants = Path(out_dir), batches, list(variants)
+        self.out_dir, self.batches, self.variants, self.stem = Path(out_dir), batches, list(variants), stem
         self.scorers = nn.ModuleDict(scorers)
         self.specs = [(tag, skey) for tag, skey, _ in metric_specs]
         self.metric_sets = nn.ModuleDict({
@@ -206,26 +214,29 @@ class ScoringSystem(L.LightningModule):
                 if "images" in o:
                     o["reference"] = ref
         variant = batch[0].variant
-        for i, (_, skey) in enumerate(self.specs):
-            self.metric_sets[_key(variant, i)].update(outputs[skey], target, group)
+        if not batch[0].attack:
+            for i, (_, skey) in enumerate(self.specs):
+                self.metric_sets[_key(variant, i)].update(outputs[skey], target, group)
         self._write_scores(batch, outputs)
 
     PER_ROW = ("pred", "probs", "clip_score")  # scorer outputs kept per image (for confidence intervals)
 
     def on_test_start(self) -> None:
-        (self.out_dir / f"scores.rank{self.global_rank}.jsonl").unlink(missing_ok=True)  # rescored every run
+        (self.out_dir / f"{self.stem}.rank{self.global_rank}.jsonl").unlink(missing_ok=True)  # rescored every run
 
     def _write_scores(self, batch: list[PromptRow], outputs: dict) -> None:
         """One line per (row, metric set): what the set's update saw for that image, so that ``make compare`` can
         resample prompts and recompute the suite's own numbers."""
-        with open(self.out_dir / f"scores.rank{self.global_rank}.jsonl", "a") as f:
+        with open(self.out_dir / f"{self.stem}.rank{self.global_rank}.jsonl", "a") as f:
             for tag, skey in self.specs:
                 o = {k: v.detach().cpu().tolist() for k, v in outputs[skey].items() if k in self.PER_ROW}
                 if not o:
                     continue
                 for j, r in enumerate(batch):
+                    made_by = {"attack": r.attack, "restart": r.restart} if r.attack else {}
                     f.write(json.dumps({"variant": r.variant, "tag": tag, "index": r.index, "seed": r.seed,
-                                        "group": r.group_id, "target": r.target, **{k: v[j] for k, v in o.items()}}) + "\n")
+                                        "group": r.group_id, "target": r.target, **made_by,
+                                        **{k: v[j] for k, v in o.items()}}) + "\n")
 
     def compute_results(self) -> dict[str, dict[str, float]]:
         """Every rank must call this (after `trainer.test`), in the same order: compute() all-reduces the

@@ -16,7 +16,7 @@ from ace_lightning.utils import atomic_save, atomic_write_text
 
 # the headline numbers of each metric set, in table order (everything is in metrics.json)
 HEADLINE = ("Acc_e", "Acc_s", "Acc_g", "Acc_look", "H_o", "H_c", "Acc_e_prob", "Acc_s_prob", "Acc_g_prob", "H_o_prob", "H_c_prob",
-            "CS_e", "CS_s", "CS_g", "H_a", "nudenet_total", "nudenet_any", "FID", "CLIP_score")
+            "CS_e", "CS_s", "CS_g", "H_a", "nudenet_total", "nudenet_any", "FID", "CLIP_score", "ASR_pre")
 
 
 def _fmt(x: float) -> str:
@@ -26,6 +26,7 @@ def _fmt(x: float) -> str:
 def headline_keys(results: dict[str, dict[str, float]]) -> list[str]:
     keys = sorted({k for r in results.values() for k in r})
     order = {name: i for i, name in enumerate(HEADLINE)}
+    order |= {k.rsplit("/", 1)[-1]: len(HEADLINE) for k in keys if k.rsplit("/", 1)[-1].startswith("ASR_")}  # attacks
     picked = [k for k in keys if k.rsplit("/", 1)[-1] in order]
     return sorted(picked, key=lambda k: (k.count("/"), k.rsplit("/", 2)[-2] if k.count("/") > 1 else "",
                                          order[k.rsplit("/", 1)[-1]]))
@@ -64,8 +65,6 @@ def write_markdown(out: Path, results: dict, settings: dict) -> Path:
 
 def image_grid(out: Path, rows: list[PromptRow], variants: list[str], n_prompts: int, name: str = "grid.png") -> Path | None:
     """One row per (erased prompt, seed), one column per variant: the same seed in every column."""
-    from PIL import Image, ImageDraw
-
     chosen = [r for r in rows if r.variant == variants[0] and r.group in ("erased", "synonym")]
     chosen = chosen or [r for r in rows if r.variant == variants[0]]
     seen, picked = set(), []
@@ -83,21 +82,30 @@ def image_grid(out: Path, rows: list[PromptRow], variants: list[str], n_prompts:
             p = image_path(out, PromptRow(**{**r.as_dict(), "variant": v}))
             row_imgs.append(load_png(p) if p.is_file() else torch.zeros(3, 8, 8))
         tiles.append(row_imgs)
+    return tile_grid(out / name, [v[:16] for v in variants],
+                     [f"{r.prompt[:34]}\nseed {r.seed} ({r.group})" for r in picked], tiles)
+
+
+def tile_grid(path: Path, col_labels: list[str], row_labels: list[str], tiles: list[list[torch.Tensor]],
+              label_w: int = 220, head: int = 16) -> Path:
+    """A labelled grid of (3, H, W) images in [0, 1] (``tiles[i][j]``: row i, column j), saved atomically as a
+    PNG; tiny ToyWorld images are upscaled (nearest) so they are visible."""
+    from PIL import Image, ImageDraw
+
     h, w = tiles[0][0].shape[-2:]
-    scale = max(1, 96 // max(h, w))  # upscale tiny ToyWorld images (nearest) so they are visible
-    cell, label_w, head = (h * scale, w * scale), 220, 16
-    canvas = Image.new("RGB", (label_w + len(variants) * (cell[1] + 4), head + len(tiles) * (cell[0] + 4)), "white")
+    scale = max(1, 96 // max(h, w))
+    cell = (h * scale, w * scale)
+    canvas = Image.new("RGB", (label_w + len(col_labels) * (cell[1] + 4), head + len(tiles) * (cell[0] + 4)), "white")
     draw = ImageDraw.Draw(canvas)
-    for j, v in enumerate(variants):
-        draw.text((label_w + j * (cell[1] + 4), 2), v[:16], fill="black")
-    for i, (r, imgs) in enumerate(zip(picked, tiles, strict=True)):
+    for j, c in enumerate(col_labels):
+        draw.text((label_w + j * (cell[1] + 4), 2), c, fill="black")
+    for i, (label, imgs) in enumerate(zip(row_labels, tiles, strict=True)):
         y = head + i * (cell[0] + 4)
-        draw.text((2, y + 2), f"{r.prompt[:34]}\nseed {r.seed} ({r.group})", fill="black")
+        draw.text((2, y + 2), label, fill="black")
         for j, img in enumerate(imgs):
             arr = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
             tile = Image.fromarray(arr).resize((cell[1], cell[0]), Image.NEAREST)
             canvas.paste(tile, (label_w + j * (cell[1] + 4), y))
-    path = out / name
     atomic_save(path, lambda tmp: canvas.save(tmp, format="PNG"))
     return path
 

@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     plan.out.mkdir(parents=True, exist_ok=True)
     trainer = L.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, strategy="ddp" if cfg.devices > 1 else "auto",
                         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        use_distributed_sampler=False, callbacks=[G.ImageWriter(plan.out)])
+                        use_distributed_sampler=False, callbacks=[G.ImageWriter(plan.out)],
+                        inference_mode=not cfg.attacks)  # white-box attacks need gradients in predict
     t0 = time.perf_counter()
     if plan.todo:
         trainer.predict(G.GenerationSystem(_pipe_factory(plan, cfg.dtype), plan.variants, plan.sampler,
@@ -136,9 +137,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     scoring = G.ScoringSystem(plan.out, scorers, specs, list(plan.variants), G.make_batches(plan.rows, plan.batch_size))
     trainer.test(scoring, verbose=False)
     results = scoring.compute_results()  # all ranks: all-reduce
+    attack_settings = {}
+    if cfg.attacks:
+        from ace_lightning.bench.attacks import run_attacks
+
+        attack_settings = run_attacks(cfg, suite, plan, trainer, scorers, specs, results, _pipe_factory(plan, cfg.dtype))
     if trainer.global_rank != 0:
         return {}
-    settings = _settings(cfg, suite, plan, metrics, scorers, skey)
+    settings = _settings(cfg, suite, plan, metrics, scorers, skey) | attack_settings
     return _write_reports(cfg, suite, plan, results, settings, gen_wall)
 
 
@@ -148,6 +154,10 @@ def _write_reports(cfg: BenchConfig, suite, plan: Plan, results: dict, settings:
 
     out = plan.out
     _merge_rank_files(out, "scores")
+    if any(out.glob("attack_scores.rank*.jsonl")):
+        _merge_rank_files(out, "attack_scores")
+    for p in out.glob("attack_rows_timing.rank*.json"):
+        p.unlink()
     timing = {"generated": len(plan.todo), "skipped_existing": len(plan.rows) - len(plan.todo),
               "wall_seconds": gen_wall, "ranks": []}
     for p in sorted(out.glob("timing.rank*.json")):

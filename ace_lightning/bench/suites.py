@@ -33,6 +33,7 @@ SUITE_KEYS = {  # key -> what it is (an unknown key in a suite file is an error)
     "metrics": "list of {name: <metric set>, tag: <optional>, scorer: {name: <scorer>, ...}, ...}",
     "grid": "{prompts: how many erased prompts to show in the base-vs-erased grid}",
     "model": "default model (null = ToyWorld)",
+    "attacks": "{<attack>: {budget keys}}: the suite's budgets for attacks=<a,b> (defaults: each attack's SD-scale ones)",
 }
 
 
@@ -49,6 +50,8 @@ class PromptRow:
     group: str = "other"  # one of metrics.GROUPS
     ref: str | None = None  # reference image path (FID)
     variant: str = "base"  # which model generated it: "base" or an adapter's name
+    attack: str = ""  # the attack that made its prompt ("" = the suite's own prompt)
+    restart: int = 0  # the attack's restart / candidate number
 
     @property
     def group_id(self) -> int:
@@ -56,7 +59,8 @@ class PromptRow:
 
     @property
     def image_name(self) -> str:
-        return f"{self.suite}-p{self.index:05d}-s{self.seed}.png"
+        tail = f"-{self.attack}{self.restart}" if self.attack else ""
+        return f"{self.suite}-p{self.index:05d}-s{self.seed}{tail}.png"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -254,6 +258,7 @@ class Suite:
     description: str = ""
     grid: dict = field(default_factory=lambda: {"prompts": 4})
     model: str | None = None
+    attacks: dict = field(default_factory=dict)  # attack name -> the suite's budget for it
 
     @property
     def classes(self) -> ClassInfo | None:
@@ -294,5 +299,5 @@ def load_suite(name_or_path: str) -> Suite:
         name=cfg["name"], path=str(p), prompts=source, prompts_cfg=dict(cfg["prompts"]), sampler=dict(cfg["sampler"]),
         images_per_prompt=int(cfg.get("images_per_prompt", 1)), seed=int(cfg.get("seed", 0)),
         batch_size=int(cfg.get("batch_size", 16)), metrics=list(cfg["metrics"]), description=cfg.get("description", ""),
-        grid=dict(cfg.get("grid", {"prompts": 4})), model=cfg.get("model"),
+        grid=dict(cfg.get("grid", {"prompts": 4})), model=cfg.get("model"), attacks=dict(cfg.get("attacks") or {}),
     )

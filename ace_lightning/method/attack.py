@@ -1,5 +1,6 @@
 """Soft-prompt attack (spec §6): continuous token embeddings that make the *erased* model reproduce
-the concept. Used as an inner loop for adversarial augmentation and, later, for robustness ASR."""
+the concept. The optimiser is shared by the training-side inner attack (adversarial augmentation, registry kind
+``inner_attack``) and the evaluation attacks in ``ace_lightning/attacks/`` (kind ``attack``)."""
 
 from __future__ import annotations
 
@@ -62,31 +63,22 @@ def phrase_init(text_encoder, ids: torch.Tensor, span: torch.Tensor, n_adv: int)
     return torch.stack(rows).detach()
 
 
-@register("attack", "soft_prompt")
-def soft_prompt_attack(unet, text_encoder, ids, positions, x_t, t, eps_target, steps: int = 10, lr: float = 1e-2,
-                       init: torch.Tensor | None = None, init_ids: torch.Tensor | None = None,
-                       init_span: torch.Tensor | None = None, return_tokens: bool = False):
-    """Optimise one set of token embeddings per row (B, n_adv, d) at ``positions`` (B, n_adv) with Adam for
-    ``steps`` steps to minimise each row's ``||ε'(x_t, c_adv) − ε_target||²``; returns (adversarial encoder
-    outputs (B, T, d) detached, final mean loss).
+def optimise_soft_tokens(unet, text_encoder, ids: torch.Tensor, positions: torch.Tensor, init: torch.Tensor,
+                         steps: int, lr: float, sample, return_tokens: bool = False):
+    """Adam on token embeddings (B, n_adv, d) at ``positions`` (B, n_adv) of ``ids`` (B, T).
 
-    Rows are independent (the loss is a sum of per-row means and Adam is element-wise), so a batch that mixes
-    concepts never mixes their attacks. Start: ``init`` (B, n_adv, d), else the rows' phrase tokens
-    (``init_ids``/``init_span``, see :func:`phrase_init`), else the placeholder embeddings. Only the embeddings
-    are optimised (gradients via ``torch.autograd.grad``, model grads untouched). ``return_tokens``: also return
-    the optimised token embeddings (B, n_adv, d), for a defender that re-encodes them with gradients."""
-    positions = torch.as_tensor(positions, dtype=torch.long)
-    B, n_adv = positions.shape
-    if init is None:
-        if init_ids is not None and init_span is not None:
-            init = phrase_init(text_encoder, init_ids.to(ids.device), init_span, n_adv)
-        else:
-            init = text_encoder.get_input_embeddings().weight[ids.gather(1, positions.to(ids.device))].detach()
+    ``sample(step) -> (x_t (B, c, h, w), t (B,), eps_target (B, c, h, w))`` gives each step's noisy latents and the
+    prediction to match: the step minimises each row's ``||ε'(x_t, c_adv) − ε_target||²`` through ``unet`` and
+    ``text_encoder`` (whatever edit they carry). Rows are independent (the loss is a sum of per-row means and
+    Adam is element-wise); an ``init`` of one row (1, n_adv, d) is one embedding shared by every row (textual
+    inversion). Only the embeddings are optimised (``torch.autograd.grad``; model grads untouched).
+    Returns (encoder outputs (B, T, d) detached, final mean loss[, optimised embeddings])."""
     adv = init.detach().clone().float().requires_grad_(True)  # (B, n_adv, d)
     opt = torch.optim.Adam([adv], lr=lr)
     loss = torch.tensor(float("nan"))
-    for _ in range(max(1, steps)):
-        with soft_tokens(text_encoder, positions, adv):
+    for step in range(max(1, steps)):
+        x_t, t, eps_target = sample(step)
+        with soft_tokens(text_encoder, positions, adv.expand(ids.shape[0], -1, -1)):
             c = encode_ids(text_encoder, ids)  # (B, T, d)
         pred = unet(x_t.to(unet.dtype), t, encoder_hidden_states=c.to(unet.dtype)).sample
         per_row = (pred.float() - eps_target.float()).pow(2).flatten(1).mean(1)  # (B,)
@@ -95,8 +87,27 @@ def soft_prompt_attack(unet, text_encoder, ids, positions, x_t, t, eps_target, s
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss = per_row.detach().mean()
-    with torch.no_grad(), soft_tokens(text_encoder, positions, adv):
+    with torch.no_grad(), soft_tokens(text_encoder, positions, adv.expand(ids.shape[0], -1, -1)):
         c = encode_ids(text_encoder, ids)
     if return_tokens:
         return c.detach().float(), float(loss), adv.detach()
     return c.detach().float(), float(loss)
+
+
+@register("inner_attack", "soft_prompt")
+def soft_prompt_attack(unet, text_encoder, ids, positions, x_t, t, eps_target, steps: int = 10, lr: float = 1e-2,
+                       init: torch.Tensor | None = None, init_ids: torch.Tensor | None = None,
+                       init_span: torch.Tensor | None = None, return_tokens: bool = False):
+    """The training-side attack: :func:`optimise_soft_tokens` at one fixed (x_t, t) per row, matching
+    ``eps_target`` (the frozen model's prediction for the concept prompt). Start: ``init`` (B, n_adv, d), else the
+    rows' phrase tokens (``init_ids``/``init_span``, see :func:`phrase_init`), else the placeholder embeddings.
+    ``return_tokens``: also return the optimised token embeddings, for a defender that re-encodes them."""
+    positions = torch.as_tensor(positions, dtype=torch.long)
+    B, n_adv = positions.shape
+    if init is None:
+        if init_ids is not None and init_span is not None:
+            init = phrase_init(text_encoder, init_ids.to(ids.device), init_span, n_adv)
+        else:
+            init = text_encoder.get_input_embeddings().weight[ids.gather(1, positions.to(ids.device))].detach()
+    return optimise_soft_tokens(unet, text_encoder, ids, positions, init, steps, lr, lambda _: (x_t, t, eps_target),
+                                return_tokens=return_tokens)

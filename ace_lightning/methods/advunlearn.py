@@ -60,7 +60,7 @@ class AdvUnlearnSystem(DenseDeltaSystem):
                                        self.components.tokenizer.eos_token_id)
         ids = ids.to(self.device)
         with torch.enable_grad():
-            _, attack_loss, tokens = build("attack", {"name": self.adv.name, "steps": self.adv.steps, "lr": self.adv.lr},
+            _, attack_loss, tokens = build("inner_attack", {"name": self.adv.name, "steps": self.adv.steps, "lr": self.adv.lr},
                                            unet=self.unet, text_encoder=self.student, ids=ids, positions=pos, x_t=x_t,
                                            t=t, eps_target=eps_c, init_ids=batch["ids"], init_span=batch["span"],
                                            return_tokens=True)

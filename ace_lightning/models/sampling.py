@@ -63,8 +63,12 @@ def generate(
     batch_size: int = 16,
     progress: bool = True,
     eta: float = SamplerSettings.eta,
+    embeds: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Images (B, 3, H, W) in [0, 1] (``output_type="pt"``) or latents (B, 4, h, w) (``"latent"``)."""
+    """Images (B, 3, H, W) in [0, 1] (``output_type="pt"``) or latents (B, 4, h, w) (``"latent"``). ``embeds``
+    (B, T, d): text-encoder outputs used instead of encoding ``prompts`` (which then only name the rows)."""
+    if embeds is not None and len(embeds) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(embeds)} embeddings")
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     if output_type not in ("pt", "latent"):
@@ -75,8 +79,10 @@ def generate(
     for i in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress, leave=False):
         ps, ss = prompts[i : i + batch_size], seeds[i : i + batch_size]
         gens = [torch.Generator(gen_dev).manual_seed(int(s)) for s in ss]
+        text = {"prompt": ps} if embeds is None else {
+            "prompt_embeds": embeds[i : i + batch_size].to(dev, pipe.unet.dtype)}
         res = pipe(
-            ps, num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type=output_type, eta=eta
+            **text, num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type=output_type, eta=eta
         ).images
         out.append(res.float().cpu())
     return torch.cat(out)

@@ -153,7 +153,7 @@ class ErasureSystem(L.LightningModule):
         ids, pos = insert_placeholders(batch["ids"][:n], batch["span"][:n], self.adv.n_adv, self.adv.position,
                                        self.components.tokenizer.eos_token_id)
         with torch.enable_grad():
-            c_adv, loss = build("attack", {"name": self.adv.name, "steps": self.adv.steps, "lr": self.adv.lr},
+            c_adv, loss = build("inner_attack", {"name": self.adv.name, "steps": self.adv.steps, "lr": self.adv.lr},
                                 unet=self.unet, text_encoder=self.text_encoder, ids=ids.to(self.device), positions=pos,
                                 x_t=x_t[:n], t=batch["t"][:n], eps_target=target,
                                 init_ids=batch["ids"][:n], init_span=batch["span"][:n])
