@@ -243,3 +243,33 @@ def test_adapter_for_another_model_fails_before_generating(tiny_suite, tiny_mode
     with pytest.raises(AdapterError, match="made for base model"):
         _run(tiny_suite, tiny_model_dir, out, f"adapter={foreign}", "classes=circle", "templates=1")
     assert not list(out.rglob("*.png"))
+
+
+ATTACK_ARGS = ["attacks=soft_prompt,discrete,textual_inversion,prompt_search", "attack.soft_prompt.steps=2",
+               "attack.soft_prompt.n_tokens=2", "attack.discrete.steps=2", "attack.discrete.n_tokens=2",
+               "attack.discrete.vocab=300", "attack.textual_inversion.steps=2", "attack.textual_inversion.n_images=2",
+               "attack.prompt_search.candidates=2"]
+
+
+def test_attacks_ddp_two_processes_equal_one(tiny_suite, tiny_model_dir, tmp_path):
+    """Attacked rows shard over ranks like generation: the same attacked images and the same ASR for 1 or 2
+    processes (4 erased rows in batches of 3 and 1, an adapter variant whose edit the white-box attacks remove)."""
+    adapter = tmp_path / "star_edit.safetensors"
+    _make_adapter(tiny_model_dir, adapter, "star", 1)
+    args = [f"adapter={adapter}", *ATTACK_ARGS]
+    single = tmp_path / "single"
+    _run(tiny_suite, tiny_model_dir, single, *args)
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "ace_lightning.bench.run", f"suite={tiny_suite}", f"model={tiny_model_dir}",
+           f"out={out}", "logger=none", "devices=2", "accelerator=cpu", "threads=1", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONWARNINGS="ignore"),
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp, one = (json.loads((d / "metrics.json").read_text()) for d in (out, single))
+    asr = {v: {k: x for k, x in r.items() if "ASR" in k} for v, r in one["results"].items()}
+    assert asr["star_edit"].keys() >= {"bench/ASR_pre", "bench/ASR_soft_prompt", "bench/ASR_any"}
+    assert {v: {k: x for k, x in r.items() if "ASR" in k} for v, r in ddp["results"].items()} == asr
+    attacked = {p.name for p in (single / "images" / "star_edit").glob("*-soft_prompt0.png")}
+    assert len(attacked) == 4
+    assert _pngs(out, "star_edit") == _pngs(single, "star_edit")  # attacked images included, byte for byte
+    assert (out / "attack_rows.rank0.jsonl").is_file() and (out / "attack_rows.rank1.jsonl").is_file()
