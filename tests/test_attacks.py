@@ -108,7 +108,9 @@ def test_every_attack_restores_a_concept_the_base_model_draws(tmp_path):
     """On the base model (nothing erased) each attack's own images -- not counting the pre-attack images -- show
     the concept for most rows: an attack that cannot restore an un-erased concept is broken."""
     names = ["soft_prompt", "discrete", "textual_inversion", "prompt_search"]
-    m = _bench(tmp_path, f"attacks={','.join(names)}", "attack_limit=4", "steps=10")
+    m = _bench(tmp_path, f"attacks={','.join(names)}", "attack_limit=4", "steps=10", "attack.soft_prompt.steps=10",
+               "attack.discrete.steps=10", "attack.textual_inversion.steps=30", "attack.textual_inversion.n_images=4",
+               "attack.prompt_search.candidates=4")
     res = m["results"]["base"]
     assert res["bench/ASR_pre"] == 100.0 and res["bench/attack_rows"] == 4.0
     scores = [json.loads(ln) for ln in (tmp_path / "attack_scores.jsonl").read_text().splitlines()]
