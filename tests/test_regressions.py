@@ -179,7 +179,7 @@ def test_training_noise_uses_ddpm_schedule_with_euler_model(tiny_model_dir, tmp_
     from diffusers import EulerDiscreteScheduler
 
     from ace_lightning.models.loading import load_components
-    from ace_lightning.systems.erasure import training_noise_scheduler
+    from ace_lightning.models.sampling import training_noise_scheduler
 
     comps = load_components(str(tiny_model_dir))
     euler = EulerDiscreteScheduler.from_config(comps.scheduler.config)

@@ -65,7 +65,7 @@ class AttackContext:
 
     @property
     def noise_scheduler(self):
-        from ace_lightning.systems.erasure import training_noise_scheduler
+        from ace_lightning.models.sampling import training_noise_scheduler
 
         return training_noise_scheduler(self.pipe.scheduler)
 

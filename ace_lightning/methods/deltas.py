@@ -10,7 +10,7 @@ import copy
 import lightning as L
 import torch
 
-from ace_lightning.systems.erasure import training_noise_scheduler
+from ace_lightning.models.sampling import training_noise_scheduler
 
 
 class DenseDeltaSystem(L.LightningModule):

@@ -14,20 +14,8 @@ import torch
 from ace_lightning.method.adapter import inject
 from ace_lightning.method.attack import insert_placeholders
 from ace_lightning.method.losses import erase_loss, gate_loss, preserve_loss
+from ace_lightning.models.sampling import training_noise_scheduler
 from ace_lightning.registry import build
-
-
-def training_noise_scheduler(scheduler):
-    """The *training* noise schedule of a model: a ``DDPMScheduler`` from its scheduler config, whatever sampler
-    the model ships with. A sigma-based sampler's ``add_noise`` (Euler: ``x0 + σ ε``, σ = 14.6 at t = 999)
-    would feed the UNet inputs it was never trained on. ``prediction_type`` (epsilon / v_prediction) is kept:
-    every loss compares the model's own predictions, so they stay in its parameterisation."""
-    from diffusers import DDPMScheduler
-
-    cfg = dict(scheduler.config)
-    keep = {k: cfg[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
-                                "prediction_type", "rescale_betas_zero_snr") if k in cfg}
-    return DDPMScheduler(**keep)
 
 
 class ErasureSystem(L.LightningModule):
