@@ -197,6 +197,8 @@ def summarise_attacks(bench_dir: Path, settings: dict, table: dict, n_boot: int,
     """Adds ``ASR_pre``, ``ASR_<attack>`` and ``ASR_any`` (percent) with 95 % intervals over prompts (all seeds of
     a prompt resampled together) to every variant of ``table``; returns the ASR column names (none when the bench
     ran no attack). Definitions: ``bench/attacks.py``."""
+    from ace_lightning.bench.attacks import asr_columns, success_matrix
+
     tag = settings.get("attack_scorer_tag")
     if tag is None:
         return []
@@ -205,20 +207,13 @@ def summarise_attacks(bench_dir: Path, settings: dict, table: dict, n_boot: int,
     path = bench_dir / "attack_scores.jsonl"
     attacked = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
     attacked = [s for s in attacked if s["tag"] == tag]
-    shown = {(s["variant"], s["index"], s["seed"]): int(s["pred"]) == int(s["target"]) for s in scores}
-    hit: dict[tuple, bool] = {}
-    for s in attacked:
-        k = (s["variant"], s["attack"], s["index"], s["seed"])
-        hit[k] = hit.get(k, False) or int(s["pred"]) == int(s["target"])
-    cols = ["ASR_pre", *(f"ASR_{a}" for a in names), "ASR_any"]
+    cols = asr_columns(names)
     rng = np.random.default_rng(seed)
     for v, e in table.items():
         keys = sorted({(s["index"], s["seed"]) for s in attacked if s["variant"] == v})
         if not keys:
             continue
-        pre = np.array([shown.get((v, i, sd), False) for i, sd in keys])
-        mat = [pre] + [pre | np.array([hit.get((v, a, i, sd), False) for i, sd in keys]) for a in names]
-        mat = np.stack(mat + [np.any(np.stack(mat), 0)], 1).astype(float)  # (rows, columns)
+        mat = np.array(success_matrix(scores, attacked, v, keys, names), dtype=float)  # (rows, columns)
         prompts = sorted({i for i, _ in keys})
         members = {p: [j for j, (i, _) in enumerate(keys) if i == p] for p in prompts}
         boots = []

@@ -109,13 +109,18 @@ def test_results_logged_to_an_offline_wandb_run(one_process_run, tiny_suite, tin
     assert list(runs[0].glob("files/media/images/bench/grid*.png"))
 
 
+def _run_ddp(suite, model, out, *extra):
+    """The runner in 2 processes (DDP on CPU, a fresh interpreter as a user would start it)."""
+    cmd = [sys.executable, "-m", "ace_lightning.bench.run", f"suite={suite}", f"model={model}", f"out={out}",
+           "logger=none", "devices=2", "accelerator=cpu", "threads=1", *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONWARNINGS="ignore"),
+                          cwd=out.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def test_ddp_two_processes_equal_one(one_process_run, tiny_suite, tiny_model_dir, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "ace_lightning.bench.run", f"suite={tiny_suite}", f"model={tiny_model_dir}",
-           f"out={out}", "logger=none", "devices=2", "accelerator=cpu", "threads=1"]
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _run_ddp(tiny_suite, tiny_model_dir, out)
     ddp = json.loads((out / "metrics.json").read_text())
     single = json.loads((one_process_run / "metrics.json").read_text())
     assert ddp["results"] == single["results"]  # exact: integer counts and float64 sums of identical inputs
@@ -132,11 +137,7 @@ def test_ddp_with_fewer_batches_than_ranks(tiny_suite, tiny_model_dir, tmp_path)
     single = tmp_path / "single"
     _run(tiny_suite, tiny_model_dir, single, *sel)
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "ace_lightning.bench.run", f"suite={tiny_suite}", f"model={tiny_model_dir}",
-           f"out={out}", "logger=none", "devices=2", "accelerator=cpu", "threads=1", *sel]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONWARNINGS="ignore"),
-                          cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _run_ddp(tiny_suite, tiny_model_dir, out, *sel)
     ddp = json.loads((out / "metrics.json").read_text())
     assert sorted(r["images"] for r in ddp["generation"]["ranks"]) == [0, 2]
     assert _pngs(out) == _pngs(single) and len(_pngs(out)) == 2
@@ -260,11 +261,7 @@ def test_attacks_ddp_two_processes_equal_one(tiny_suite, tiny_model_dir, tmp_pat
     single = tmp_path / "single"
     _run(tiny_suite, tiny_model_dir, single, *args)
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "ace_lightning.bench.run", f"suite={tiny_suite}", f"model={tiny_model_dir}",
-           f"out={out}", "logger=none", "devices=2", "accelerator=cpu", "threads=1", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONWARNINGS="ignore"),
-                          cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _run_ddp(tiny_suite, tiny_model_dir, out, *args)
     ddp, one = (json.loads((d / "metrics.json").read_text()) for d in (out, single))
     asr = {v: {k: x for k, x in r.items() if "ASR" in k} for v, r in one["results"].items()}
     assert asr["star_edit"].keys() >= {"bench/ASR_pre", "bench/ASR_soft_prompt", "bench/ASR_any"}

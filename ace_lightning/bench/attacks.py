@@ -38,20 +38,17 @@ def attack_configs(names: list[str], suite_budgets: dict, overrides: dict) -> di
 def check_attack_settings(out: Path, variants: list[str], configs: dict[str, dict], seed: int) -> None:
     """Attacked images are reused on a rerun, so a variant's folder must never mix attack budgets: each attack's
     settings are kept in ``images/<variant>/attack-<name>.json`` and different ones are an error."""
+    from ace_lightning.bench.generation import pin_settings
     from ace_lightning.registry import ConfigError
-    from ace_lightning.utils import atomic_write_text
 
     for v in variants:
         for name, c in configs.items():
-            want = json.loads(json.dumps({**c, "attack_seed": seed}, default=str))
             path = out / "images" / v / f"attack-{name}.json"
-            if path.is_file():
-                have = json.loads(path.read_text())
-                if have != want:
-                    raise ConfigError(f"{path.parent} holds {name} images made with other settings ({have} vs now "
-                                      f"{want}); use another out= (or delete the {name} images and {path.name})")
-                continue
-            atomic_write_text(path, json.dumps(want, indent=2))
+            want = {**c, "attack_seed": seed}
+            have = pin_settings(path, want)
+            if have is not None:
+                raise ConfigError(f"{path.parent} holds {name} images made with other settings ({have} vs now "
+                                  f"{want}); use another out= (or delete the {name} images and {path.name})")
 
 
 def rows_to_attack(rows: list[PromptRow], limit: int | None) -> list[PromptRow]:
@@ -77,7 +74,7 @@ class AttackSystem(GenerationSystem):
     def __init__(self, pipe_factory, variants, sampler, batches, attacks: dict[str, dict], phrases, descriptions,
                  seed: int, out_dir) -> None:
         super().__init__(pipe_factory, variants, sampler, batches)
-        self.attack_cfgs, self.phrases, self.descriptions = attacks, phrases, descriptions
+        self.phrases, self.descriptions = phrases, descriptions
         self.seed, self.out_dir = seed, Path(out_dir)
         self.attacks = {n: build("attack", c) for n, c in attacks.items()}  # bad budgets fail before any work
 
@@ -154,30 +151,41 @@ def read_rows(out: Path, stem: str) -> list[PromptRow]:
     return [seen[k] for k in sorted(seen)]
 
 
+def asr_columns(attacks: list[str]) -> list[str]:
+    """The ASR names, in the order of :func:`success_matrix`'s columns."""
+    return ["ASR_pre", *(f"ASR_{a}" for a in attacks), "ASR_any"]
+
+
+def success_matrix(scores: list[dict], attack_scores: list[dict], variant: str, keys: list[tuple[int, int]],
+                   attacks: list[str]) -> list[list[bool]]:
+    """One row per attacked (prompt index, seed) of ``variant``: [shown without attack, success under each attack
+    (pre-attack successes included), success under any of them] (columns: :func:`asr_columns`).
+    ``scores``/``attack_scores``: one metric set's per-image score lines (variant, index, seed, target, pred[,
+    attack])."""
+    shown = {(s["index"], s["seed"]) for s in scores
+             if s["variant"] == variant and int(s["pred"]) == int(s["target"])}
+    hit = {(s["attack"], s["index"], s["seed"]) for s in attack_scores
+           if s["variant"] == variant and int(s["pred"]) == int(s["target"])}
+    out = []
+    for k in keys:
+        row = [k in shown]
+        row += [row[0] or (a, *k) in hit for a in attacks]
+        out.append(row + [any(row)])
+    return out
+
+
 def asr(scores: list[dict], attack_scores: list[dict], attacked: list[PromptRow], variants: list[str],
         attacks: list[str]) -> dict[str, dict[str, float]]:
     """variant -> {"bench/ASR_pre": %, "bench/ASR_<attack>": %, "bench/ASR_any": %} over the ``attacked`` rows (see
     the module doc); ``ASR_any``: the concept shown without attack or under any of the attacks (the adversary that
-    tries them all). ``scores``/``attack_scores``: per-image score lines (one metric set's: variant, index, seed,
-    target, pred[, attack])."""
-    shown = {(s["variant"], s["index"], s["seed"]): int(s["pred"]) == int(s["target"]) for s in scores}
-    hit: dict[tuple, bool] = {}
-    for s in attack_scores:
-        k = (s["variant"], s["attack"], s["index"], s["seed"])
-        hit[k] = hit.get(k, False) or int(s["pred"]) == int(s["target"])
+    tries them all)."""
     out: dict[str, dict[str, float]] = {}
     for v in variants:
-        rows = [r for r in attacked if r.variant == v]
-        if not rows:
+        keys = [(r.index, r.seed) for r in attacked if r.variant == v]
+        if not keys:
             continue
-        pre = [shown.get((v, r.index, r.seed), False) for r in rows]
-        res = {"bench/ASR_pre": 100.0 * sum(pre) / len(rows)}
-        success = [list(pre)]
-        for a in attacks:
-            success.append([p or hit.get((v, a, r.index, r.seed), False) for p, r in zip(pre, rows, strict=True)])
-            res[f"bench/ASR_{a}"] = 100.0 * sum(success[-1]) / len(rows)
-        res["bench/ASR_any"] = 100.0 * sum(any(col) for col in zip(*success)) / len(rows)
-        out[v] = res
+        m = success_matrix(scores, attack_scores, v, keys, attacks)
+        out[v] = {f"bench/{c}": 100.0 * sum(r[j] for r in m) / len(m) for j, c in enumerate(asr_columns(attacks))}
     return out
 
 

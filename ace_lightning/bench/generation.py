@@ -46,15 +46,23 @@ def check_generation_settings(out_dir: str | Path, variants: dict[str, str | Non
         want = dict(settings, adapter=adapter, adapter_sha256=file_digest(adapter) if adapter else None)
         want = json.loads(json.dumps(want, default=str))
         path = Path(out_dir) / "images" / name / "generation.json"
-        if path.is_file():
-            have = json.loads(path.read_text())
-            if have != want:
-                diff = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
-                raise ConfigError(f"{path.parent} holds images generated with other settings ({', '.join(diff)}: "
-                                  f"{[have.get(k) for k in diff]} vs now {[want.get(k) for k in diff]}); "
-                                  "use another out= or run= (or delete the folder)")
-            continue
+        have = pin_settings(path, want)
+        if have is not None:
+            diff = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
+            raise ConfigError(f"{path.parent} holds images generated with other settings ({', '.join(diff)}: "
+                              f"{[have.get(k) for k in diff]} vs now {[want.get(k) for k in diff]}); "
+                              "use another out= or run= (or delete the folder)")
+
+
+def pin_settings(path: Path, want: dict) -> dict | None:
+    """A folder's settings file: written with ``want`` the first time; afterwards the recorded settings when they
+    differ from ``want`` (compared as JSON), else None. Reused images must never mix settings."""
+    want = json.loads(json.dumps(want, default=str))
+    if not path.is_file():
         atomic_write_text(path, json.dumps(want, indent=2))
+        return None
+    have = json.loads(path.read_text())
+    return None if have == want else have
 
 
 def make_batches(rows: list[PromptRow], batch_size: int) -> list[list[PromptRow]]:
