@@ -14,7 +14,7 @@ DEVICES ?= 1
 OUT     ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-slow lint clean toyworld toyworld-eval bench compare bench-closed-form
+.PHONY: help install train test test-slow lint clean toyworld toyworld-eval bench compare bench-closed-form sweep
 
 help: ## list every target
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
@@ -54,6 +54,10 @@ bench: $(STAMP) ## run a suite: SUITE=<name> [ADAPTER=path] [MODEL=dir-or-id] [D
 compare: $(STAMP) ## methods side by side: SUITE=<name> CONCEPT=<c[,c2]> [METHODS=ace,esd_x,...] [MODEL=..] [DEVICES=N] [OUT=dir] [ARGS="train.k=v bench.k=v <method>.k=v"]
 	@test -n "$(SUITE)" -a -n "$(CONCEPT)" || { echo "usage: make compare SUITE=<name> CONCEPT=<c[,c2]> [METHODS=a,b] [MODEL=...] [DEVICES=N] [OUT=dir] [ARGS=\"k=v ...\"]"; exit 2; }
 	$(PY) -m ace_lightning.compare suite="$(SUITE)" concept="$(CONCEPT)" devices=$(DEVICES) $(if $(METHODS),methods="$(METHODS)") $(if $(MODEL),model="$(MODEL)") $(if $(OUT),out="$(OUT)") $(ARGS)
+
+sweep: $(STAMP) ## hyperparameter sweep on a bench objective: SWEEP=experiments/sweeps/<name>.yaml [COUNT=n] [MODE=offline|online] [OUT=dir]
+	@test -n "$(SWEEP)" || { echo "usage: make sweep SWEEP=experiments/sweeps/<name>.yaml [COUNT=n] [MODE=offline|online] [OUT=dir]"; exit 2; }
+	$(PY) -m ace_lightning.sweep sweep="$(SWEEP)" $(if $(COUNT),count=$(COUNT)) $(if $(MODE),mode=$(MODE)) $(if $(OUT),out="$(OUT)")
 
 bench-closed-form: $(STAMP) ## time the closed-form stage for 1, 10, 100 concepts at SD-1.4 sizes
 	$(PY) benchmarks/closed_form_speed.py $(ARGS)

@@ -115,6 +115,8 @@ class AdvCfg:
     position: str = "replace"
     rows: int = 2
     pool: int = 16
+    gate_refit_steps: int = 0  # > 0: after each inner attack, refit the gates with the adversarial tokens as positives
+    gate_pool: int = 512  # adversarial gate positives kept per concept (the newest)
 
 
 @dataclass
@@ -135,6 +137,16 @@ class GridCfg:
     enabled: bool = True
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
     preserve_prompts: int = 3
+
+
+@dataclass
+class EvalCfg:
+    suite: str | None = None  # run this bench suite on the adapter just trained, in the same run (bench/* metrics)
+    classes: str | None = None  # quick subset: only these classes (comma-separated)
+    templates: int | None = None  # ... only the first n templates
+    images_per_prompt: int | None = None  # ... this many seeds per prompt
+    attacks: str | None = None  # attacks on the erased prompts (bench/ASR_*)
+    args: list[str] = field(default_factory=list)  # any other bench key=value (make bench's ARGS)
 
 
 @dataclass
@@ -170,6 +182,7 @@ class RunCfg:
     mace: MaceCfg = field(default_factory=MaceCfg)
     sampler: SamplerSettings = field(default_factory=SamplerSettings)  # the one sampler dataclass
     grid: GridCfg = field(default_factory=GridCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
     logger: LoggerCfg = field(default_factory=LoggerCfg)
 
 
@@ -227,6 +240,7 @@ RANGES = [
     ("data.vocab_heldout", lambda v: v >= 0, ">= 0"), ("adv.every", lambda v: v >= 1, ">= 1"),
     ("adv.warmup", lambda v: v >= 0, ">= 0"), ("adv.steps", lambda v: v >= 1, ">= 1"),
     ("adv.n_adv", lambda v: v >= 1, ">= 1"), ("adv.rows", lambda v: v >= 1, ">= 1"), ("adv.pool", lambda v: v >= 1, ">= 1"),
+    ("adv.gate_refit_steps", lambda v: v >= 0, ">= 0"), ("adv.gate_pool", lambda v: v >= 1, ">= 1"),
     ("sampler.steps", lambda v: v >= 1, ">= 1"), ("sampler.guidance", lambda v: v >= 0, ">= 0"),
 ]
 MAX_NAME = 120  # characters of a run folder name (file systems allow 255 bytes)
@@ -241,8 +255,16 @@ def validate(cfg: DictConfig) -> None:
     from ace_lightning.method.adapter import slug
     from ace_lightning.registry import lookup
 
-    lookup("placeholder_position", str(cfg.adv.position))  # a typo fails here, not at the first attack step
+    for position in str(cfg.adv.position).split(","):  # a typo fails here, not at the first attack step
+        lookup("placeholder_position", position)
     lookup("optimizer", str(cfg.optim.name))  # ... and here, not after the data module's setup
+    if cfg.eval.suite:
+        from ace_lightning.bench.config import parse_args
+
+        parse_args(eval_args(cfg, "adapter.safetensors", "out"))  # a bad eval key fails before training
+        if cfg.trainer.devices > 1:
+            raise ConfigError("eval.suite runs in the training process, on one device: with trainer.devices > 1 "
+                              "run make bench on the adapter after training")
     seen: dict[str, str] = {}
     for c in cfg.concepts:
         key = slug(str(c.concept))
@@ -252,6 +274,18 @@ def validate(cfg: DictConfig) -> None:
     run_name = cfg.name or "+".join(seen)
     if len(run_name) > MAX_NAME:
         raise ConfigError(f"run name of {len(run_name)} characters (> {MAX_NAME}): give a shorter name=")
+
+
+def eval_args(cfg: DictConfig, adapter, out) -> list[str]:
+    """The bench command line (``bench.run.main``'s argv) of ``cfg.eval`` for ``adapter``, written to ``out``; the
+    base model is not rerun (the numbers of the erased model are what a sweep optimises)."""
+    e = cfg.eval
+    args = [f"suite={e.suite}", f"adapter={adapter}", "base=false", f"out={out}", "logger=none"]
+    if cfg.model.path:
+        args.append(f"model={cfg.model.path}")
+    args += [f"{k}={getattr(e, k)}" for k in ("classes", "templates", "images_per_prompt", "attacks")
+             if getattr(e, k) is not None]
+    return args + [str(a) for a in e.args]
 
 
 def presets() -> list[str]:
@@ -279,7 +313,13 @@ def load_config(overrides: list[str] | None = None, base: Path | None = None) ->
             raise ConfigError(f"cannot parse the override {o!r} ({type(e).__name__}); quote values that YAML "
                               "would read as syntax") from None
     cli = OmegaConf.from_dotlist(list(overrides or []))
-    method = str(cli.get("method") or cfg.method)
+    recipe = cli.get("experiment") or cfg.experiment
+    recipe_path = None
+    if recipe:  # a name under experiments/, or a recipe file anywhere (a sweep's best.yaml)
+        recipe_path = Path(recipe) if str(recipe).endswith((".yaml", ".yml")) else EXPERIMENTS_DIR / f"{recipe}.yaml"
+        recipe_cfg = _yaml(recipe_path, f"experiment {recipe!r}")
+    # the method: the command line's, else the recipe's (a sweep's best.yaml may name one), else the default
+    method = str(cli.get("method") or (recipe_cfg.get("method") if recipe_path else None) or cfg.method)
     from ace_lightning.registry import names
 
     if method not in names("method"):
@@ -287,10 +327,8 @@ def load_config(overrides: list[str] | None = None, base: Path | None = None) ->
     path = EXPERIMENTS_DIR / "methods" / f"{method}.yaml"
     if path.is_file():  # the method's own settings, under any experiment recipe and the command line
         cfg = _merge(cfg, _yaml(path, f"method {method!r}"), str(path))
-    recipe = cli.get("experiment") or cfg.experiment
-    if recipe:
-        path = EXPERIMENTS_DIR / f"{recipe}.yaml"
-        cfg = _merge(cfg, _yaml(path, f"experiment {recipe!r}"), str(path))
+    if recipe_path:
+        cfg = _merge(cfg, recipe_cfg, str(recipe_path))
     cfg = _merge(cfg, cli, "command-line overrides")
     names = [c.strip() for c in str(cfg.concept or "").split(",")]
     if str(cfg.concept or "").strip() and not any(names):

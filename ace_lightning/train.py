@@ -50,7 +50,10 @@ def run(cfg) -> dict:
     quiet_known_notices()
     t = cfg.trainer
     requests = [ErasureRequest(**OmegaConf.to_container(c)) for c in cfg.concepts]
-    run_dir = Path(cfg.output_dir) / (cfg.name or "+".join(slug(r.concept) for r in requests))
+    name = cfg.name or "+".join(slug(r.concept) for r in requests)
+    if not cfg.name and os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_RUN_ID"):
+        name += f"-{os.environ['WANDB_RUN_ID']}"  # a wandb agent's runs: one folder each
+    run_dir = Path(cfg.output_dir) / name
     ckpt_dir = run_dir / "checkpoints"
     ckpt = None
     if cfg.ckpt_path:
@@ -95,10 +98,10 @@ def run(cfg) -> dict:
         # a resumed run continues the same wandb run (its id is kept in the run folder)
         id_file = run_dir / "wandb_id.txt"
         run_id = id_file.read_text().strip() if ckpt is not None and id_file.is_file() else None
-        if run_id is None:
+        if run_id is None:  # a wandb agent's run id, so that the sweep sees this run's numbers
             import secrets
 
-            run_id = secrets.token_hex(4)  # wandb run ids: lower-case alphanumerics
+            run_id = os.environ.get("WANDB_RUN_ID") or secrets.token_hex(4)  # lower-case alphanumerics
             atomic_write_text(id_file, run_id)
         experiment = open_wandb_run(cfg.logger.project, run_dir.name, run_dir, run_id,
                                     OmegaConf.to_container(cfg, resolve=True))
@@ -124,6 +127,11 @@ def run(cfg) -> dict:
     metrics.update(method.run_metrics(system, dm))
     metrics.update({"train/global_step": trainer.global_step, "run/seconds": time.perf_counter() - t0})
     metrics.update(meter.summary(dm, closed_form_seconds=metrics.get("closed_form/seconds", 0.0)))
+    if cfg.eval.suite and trainer.global_rank == 0:
+        bench = evaluate(cfg, run_dir)
+        metrics.update(bench)
+        if logger:  # the same wandb run as the training: a sweep reads its objective from there
+            logger.log_metrics(bench, step=trainer.global_step)
     if trainer.global_rank == 0:
         atomic_write_json(run_dir / "metrics.json", {"metrics": metrics, "method": cfg.method, "stats": method.stats(),
                                                      "run_dir": str(run_dir), "fingerprint": fingerprint})
@@ -136,6 +144,21 @@ def run(cfg) -> dict:
 
         wandb.finish()
     return metrics
+
+
+def evaluate(cfg, run_dir: Path) -> dict[str, float]:
+    """``cfg.eval``: the bench suite on the adapter just written, into ``<run>/eval`` (rebuilt every time: its images
+    belong to this adapter). Returns the erased model's ``bench/*`` numbers and ``eval/seconds``."""
+    from ace_lightning.bench.run import main as bench_main
+    from ace_lightning.config import eval_args
+
+    out = run_dir / "eval"
+    shutil.rmtree(out, ignore_errors=True)
+    say(f"evaluating the adapter on {cfg.eval.suite} -> {out}")
+    t0 = time.perf_counter()
+    results = bench_main(eval_args(cfg, run_dir / "adapter.safetensors", out))
+    bench = {k: float(v) for k, v in results.items() if k.startswith("bench/")}
+    return bench | {"eval/seconds": time.perf_counter() - t0}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -91,3 +91,47 @@ def test_fit_gate_shuts_hard_negatives_that_calibration_lets_through():
     assert (gate(Qf, gf, tf, C_test) > 0.5).float().mean() >= 0.95
     assert (gate(Qf, gf, tf, torch.randn(d, 2000, generator=g)) > 0.5).float().mean() <= 0.01
     assert G.fit_gate(Q, gamma, tau, C, P, steps=0) == (Q, gamma, tau)  # 0 steps: the calibration as it was
+
+
+def test_fit_gate_opens_on_extra_positives_without_opening_on_negatives():
+    """Adversarial gate positives (``C_extra``): a few tokens that restore the concept without looking like its
+    tokens (another direction). The fitted gate was shut on them; refitted with them as a positive term of its own
+    it opens on held-out ones of their kind, stays open on the targets and shut on the negatives."""
+    g = torch.Generator().manual_seed(1)
+    d = 16
+    e1, e3 = torch.eye(d)[0], torch.eye(d)[2]
+
+    def cloud(centre, n):  # (d, n)
+        return centre[:, None] + 0.08 * torch.randn(d, n, generator=g)
+
+    C, C_test = cloud(e1, 400), cloud(e1, 64)
+    X, X_test = cloud(e3, 12), cloud(e3, 64)  # 12 adversarial tokens against 400 targets
+    P = torch.randn(d, 5000, generator=g)
+    P[2] *= 0.1  # the negatives have little along e3
+    Q = G.gate_directions(C, 2)
+    gamma, tau = G.calibrate(G.scores(Q, C), G.scores(Q, P))
+    Q0, g0, t0 = G.fit_gate(Q, gamma, tau, C, P, steps=300, hard_k=64, sample_k=1024)
+
+    def gate(Q, gamma, tau, Y):
+        return torch.sigmoid(gamma * (G.scores(Q, Y) - tau))
+
+    assert (gate(Q0, g0, t0, X_test) > 0.5).float().mean() <= 0.05  # shut on them before
+    Qx, gx, tx = G.fit_gate(Q0, g0, t0, C, P, steps=300, hard_k=64, sample_k=1024, C_extra=X)
+    assert (gate(Qx, gx, tx, X_test) > 0.5).float().mean() >= 0.9
+    assert (gate(Qx, gx, tx, C_test) > 0.5).float().mean() >= 0.95
+    assert (gate(Qx, gx, tx, torch.randn(d, 2000, generator=g) * torch.tensor([1.0, 1.0, 0.1] + [1.0] * 13)[:, None])
+            > 0.5).float().mean() <= 0.02
+
+
+def test_adversarial_gate_tokens_take_the_slots_and_the_concept_where_it_stays():
+    from ace_lightning.method.attack import adversarial_gate_tokens, insert_placeholders
+
+    EOS = 9
+    ids = torch.tensor([[0, 5, 6, 7, EOS, EOS, EOS, EOS, EOS, EOS]])  # BOS a b <concept> EOS ...
+    span = torch.tensor([[3, 4]])
+    c = torch.arange(10.0)[None, :, None].expand(1, 10, 2)  # position i encodes as (i, i)
+    pre_ids, pre_pos = insert_placeholders(ids, span, 2, "prefix", EOS)  # BOS s s a b <concept> EOS
+    got = adversarial_gate_tokens(c, pre_ids, pre_pos, ids, span)[0, :, 0].tolist()
+    assert got == [1.0, 2.0, 5.0]  # the slots, then the concept's token after them
+    rep_ids, rep_pos = insert_placeholders(ids, span, 2, "replace", EOS)  # BOS a b s s EOS: the concept is gone
+    assert adversarial_gate_tokens(c, rep_ids, rep_pos, ids, span)[0, :, 0].tolist() == [3.0, 4.0, 4.0]

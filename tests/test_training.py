@@ -249,3 +249,26 @@ def test_long_gate_prompts_reach_the_gate_and_carry_is_saved(tiny_model_dir, tmp
     q_keys = [k for k in ta if k.endswith(".Q")]
     assert q_keys and any(not torch.equal(ta[k], tb[k]) for k in q_keys)
     assert [c["carry"] for c in ma["concepts"]] == [False] and [c["carry"] for c in mb["concepts"]] == [True]
+
+
+def _gate_values(state: dict, key: str, X: torch.Tensor) -> torch.Tensor:
+    """Gate of concept ``key`` in a checkpoint's state dict on tokens X (n, d) -> (n,)."""
+    Q, gamma, tau = (state[f"bank.concepts.{key}.{n}"] for n in ("Q", "gamma", "tau"))
+    Xh = X / X.norm(dim=-1, keepdim=True)
+    return torch.sigmoid(gamma * ((Xh @ Q).pow(2).sum(-1) - tau))
+
+
+def test_adversarial_gate_refit_opens_the_gate_on_what_the_inner_attack_found(tiny_model_dir, tmp_path):
+    """``method=ace_adv_gate``: the inner attack's tokens join the gate's positives and the gate is refitted. The
+    same run without refits (same seed, same initial gate) leaves its gate shut on those tokens; the refitted gate
+    opens on them. The pool is checkpointed."""
+    how = ["method=ace_adv_gate", "trainer.max_steps=6", "adv.warmup=0", "adv.every=2", "adv.steps=3"]
+    run(tiny_cfg(tiny_model_dir, tmp_path / "refit", *how))
+    run(tiny_cfg(tiny_model_dir, tmp_path / "plain", *how, "adv.gate_refit_steps=0"))
+    refit, plain = (torch.load(tmp_path / p / "dog" / "checkpoints" / "last.ckpt", weights_only=False)
+                    for p in ("refit", "plain"))
+    pool = refit["ace_adv_gate_pos"]["dog"]  # (n, d): 3 attacks x 2 rows x (n_adv slots + 1)
+    assert pool.shape[0] == 3 * 2 * (load_config(["concept=dog", "method=ace_adv_gate"]).adv.n_adv + 1)
+    assert plain["ace_adv_gate_pos"] == {}
+    g_refit, g_plain = _gate_values(refit["state_dict"], "dog", pool), _gate_values(plain["state_dict"], "dog", pool)
+    assert g_refit.mean() > 0.8 and g_refit.mean() > g_plain.mean() + 0.3, (g_refit.mean(), g_plain.mean())

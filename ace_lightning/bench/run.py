@@ -84,12 +84,18 @@ def build_scoring(suite, cfg: BenchConfig):
     for s in scorers.values():
         s.setup(suite.classes)
     skey = {k: f"s{i}" for i, k in enumerate(scorer_cfgs)}
-    specs = []
+    specs = [(tag, skey[json.dumps(m["scorer"], sort_keys=True)], make)
+             for m, (tag, make) in zip(metrics, metric_factories(metrics))]
+    return metrics, scorers, skey, specs
+
+
+def metric_factories(metrics: list[dict]) -> list[tuple[str, Any]]:
+    """(tag, () -> a fresh metric set) per metric-set config (its scorer is not built)."""
+    out = []
     for m in metrics:
         mcfg = {k: v for k, v in m.items() if k not in ("scorer", "tag")}
-        specs.append((m.get("tag", ""), skey[json.dumps(m["scorer"], sort_keys=True)],
-                      lambda c=mcfg: build("bench_metric", c)))
-    return metrics, scorers, skey, specs
+        out.append((m.get("tag", ""), lambda c=mcfg: build("bench_metric", c)))
+    return out
 
 
 def _pipe_factory(plan: Plan, dtype: str):

@@ -24,8 +24,10 @@ class ClosedFormInit(L.Callback):
         from ace_lightning.method.adapter import base_weights
 
         weights = base_weights(pl_module.unet, self.acfg.targets)
+        fit_sets: dict = {}
         self.stats = initialize_bank(pl_module.bank, weights, dm.concepts, dm.P, self.cf, self.acfg, dm.P_gate,
-                                     dm.hard_negatives)
+                                     dm.hard_negatives, fit_sets)
+        pl_module.set_gate_fit_sets(fit_sets)  # what each gate was fitted on: refitted with adversarial positives
         from ace_lightning.utils import say
 
         what = "closed form" if self.cf.enabled else "LoRA-style init (closed form off)"

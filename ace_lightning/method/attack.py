@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ace_lightning.method.text import encode_ids, eos_position, soft_tokens
+from ace_lightning.method.text import encode_ids, eos_position, find_span, soft_tokens
 from ace_lightning.registry import lookup, register
 
 
@@ -50,6 +50,26 @@ def insert_placeholders(ids: torch.Tensor, span: torch.Tensor, n_adv: int, posit
         out[i, : len(new)] = torch.tensor(new, dtype=ids.dtype)
         pos[i] = torch.arange(start, start + n_adv)
     return out, pos
+
+
+def adversarial_gate_tokens(c_adv: torch.Tensor, ids_adv: torch.Tensor, positions: torch.Tensor, ids: torch.Tensor,
+                            span: torch.Tensor) -> torch.Tensor:
+    """The tokens of attacked rows that a gate must open on (B, n_adv + 1, d): the encoder outputs ``c_adv``
+    (B, T, d) at the attack's slots ``positions`` (B, n_adv), plus the concept phrase's last token where the
+    phrase is still in the attacked row (``prefix``/``suffix``: a causal encoder re-writes it after the slots;
+    ``replace`` drops it, and the last slot stands in). ``ids_adv``: the attacked rows' ids (B, T); ``ids``/``span``:
+    the rows before the attack and their phrase spans (B, 2)."""
+    B, n_adv = positions.shape
+    extra = positions[:, -1].clone()  # (B,)
+    for i in range(B):
+        phrase = ids[i, int(span[i, 0]) : int(span[i, 1])].tolist()
+        try:
+            _, end = find_span(ids_adv[i].tolist(), phrase)
+            extra[i] = end - 1
+        except ValueError:
+            pass
+    where = torch.cat([positions, extra[:, None]], 1).to(c_adv.device)  # (B, n_adv + 1)
+    return c_adv.gather(1, where[..., None].expand(-1, -1, c_adv.shape[-1]))  # (B, n_adv + 1, d)
 
 
 def phrase_init(text_encoder, ids: torch.Tensor, span: torch.Tensor, n_adv: int) -> torch.Tensor:

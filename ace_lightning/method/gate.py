@@ -138,8 +138,8 @@ def svd_strategy(P: torch.Tensor, q: int, project_out: int, **_unused):
 
 
 def fit_gate(Q: torch.Tensor, gamma: float, tau: float, C: torch.Tensor, P: torch.Tensor, steps: int = 200,
-             lr: float = 0.02, hard_k: int = 1024, sample_k: int = 4096, mine_every: int = 10, seed: int = 0
-             ) -> tuple[torch.Tensor, float, float]:
+             lr: float = 0.02, hard_k: int = 1024, sample_k: int = 4096, mine_every: int = 10, seed: int = 0,
+             C_extra: torch.Tensor | None = None) -> tuple[torch.Tensor, float, float]:
     """Refine a calibrated gate against its hardest negatives; returns (Q (d, q), γ, τ) of the same gate form.
 
     Calibration sets τ between the targets and a *quantile* of the preserve tokens, so up to 1 % of them (on a
@@ -150,12 +150,16 @@ def fit_gate(Q: torch.Tensor, gamma: float, tau: float, C: torch.Tensor, P: torc
     logits (targets past 0.95, negatives below 0.05) helped one concept and hurt three at once; not kept. γ is folded into Q (``Q√γ``), so
     ``g = sigmoid(||Qᵀĉ||² − τ')`` with γ = 1 on return; Q is then no longer orthonormal in any metric.
 
-    C (d, n): target tokens; P (d, m): negative tokens (both any norm; the gate sees unit columns).
+    C (d, n): target tokens; P (d, m): negative tokens (both any norm; the gate sees unit columns). ``C_extra``
+    (d, n_x): more positives with a BCE term of their own (a mean of equal weight to the targets'), so that a few
+    of them (the adversarial tokens of :meth:`ErasureSystem.refit_gates`) are not drowned by thousands of targets.
     """
     if steps <= 0:
         return Q, gamma, tau
     g = torch.Generator().manual_seed(seed)
     Ct = (C / C.norm(dim=0, keepdim=True).clamp_min(1e-8)).float().T.contiguous()  # (n, d)
+    Xt = None if C_extra is None or not C_extra.numel() else \
+        (C_extra / C_extra.norm(dim=0, keepdim=True).clamp_min(1e-8)).float().T.contiguous()  # (n_x, d)
     Pt = (P / P.norm(dim=0, keepdim=True).clamp_min(1e-8)).float().T.contiguous()  # (m, d)
     Qp = (Q.double() * math.sqrt(max(gamma, 1e-12))).float().clone().requires_grad_(True)  # (d, q)
     b0 = float(gamma * tau)
@@ -173,6 +177,8 @@ def fit_gate(Q: torch.Tensor, gamma: float, tau: float, C: torch.Tensor, P: torc
             l_hard = (Pt[hard] @ Qp).pow(2).sum(-1) - b  # (hard_k,)
             l_rand = (Pt[rand] @ Qp).pow(2).sum(-1) - b  # (sample_k,)
             loss = F.softplus(-l_pos).mean() + F.softplus(l_hard).mean() + F.softplus(l_rand).mean()
+            if Xt is not None:
+                loss = loss + F.softplus(-((Xt @ Qp).pow(2).sum(-1) - b)).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()

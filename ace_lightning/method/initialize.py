@@ -15,14 +15,16 @@ from ace_lightning.registry import build
 
 
 def initialize_bank(bank: AdapterBank, weights: dict[str, torch.Tensor], concepts, P: torch.Tensor, cf, acfg,
-                    P_gate: torch.Tensor | None = None, hard_negatives=None) -> dict:
+                    P_gate: torch.Tensor | None = None, hard_negatives=None, fit_sets: dict | None = None) -> dict:
     """Fill ``bank`` with one gated adapter per concept (``concepts``: ConceptData list). Returns stats.
 
     ``P`` (d, m): preserve tokens of the closed form; ``P_gate``: those the gate is calibrated to stay shut on
     (default ``P``). ``cf``: closed-form settings (enabled, lam, s_e, s_p); ``acfg``: adapter settings (rank, gate_q,
     gate_project_out, gate_target, gate_fit_steps, ungated). ``hard_negatives(concept_data, score)`` -> (d, n): more
     negatives for fitting that concept's gate, chosen with its calibrated score (the DataModule's
-    ``hard_negatives``). One factorisation of M serves every concept.
+    ``hard_negatives``). One factorisation of M serves every concept. ``fit_sets``: a dict that receives, per
+    concept name, the (positives (d, n), negatives (d, m)) its gate was fitted on, for refitting it later
+    (:meth:`ErasureSystem.refit_gates`).
     """
     t0 = time.perf_counter()
     d = P.shape[0]
@@ -62,6 +64,8 @@ def initialize_bank(bank: AdapterBank, weights: dict[str, torch.Tensor], concept
                     [P_gate, hard_negatives(cd, lambda X, Q=ad.Q: G.scores(Q, X.T))], 1)  # (d, m + n_h)
                 Qf, gamma, tau = G.fit_gate(ad.Q, gamma, tau, pos, neg, steps=acfg.gate_fit_steps, seed=i)
                 ad.Q = Qf.contiguous()
+                if fit_sets is not None:
+                    fit_sets[name] = (pos, neg)
             ad.gamma.fill_(gamma)
             ad.tau.fill_(tau)
             g_pres = ad.gate(P_gate.T)  # (m',)

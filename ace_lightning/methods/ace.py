@@ -37,5 +37,6 @@ class AceMethod:
         return dict(self.closed_form.stats) if self.closed_form is not None else {}
 
 
-for _name in ("ace", "ace_ungated", "ace_no_closed_form", "ace_closed_form_only", "ace_no_adv", "ace_eta0", "uce"):
+for _name in ("ace", "ace_ungated", "ace_no_closed_form", "ace_closed_form_only", "ace_no_adv", "ace_eta0", "ace_adv_gate",
+              "uce"):
     register("method", _name)(AceMethod)

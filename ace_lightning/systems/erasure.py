@@ -12,7 +12,8 @@ import lightning as L
 import torch
 
 from ace_lightning.method.adapter import inject
-from ace_lightning.method.attack import insert_placeholders
+from ace_lightning.method.attack import adversarial_gate_tokens, insert_placeholders
+from ace_lightning.method.gate import fit_gate
 from ace_lightning.method.losses import erase_loss, gate_loss, preserve_loss
 from ace_lightning.models.sampling import training_noise_scheduler
 from ace_lightning.registry import build
@@ -40,6 +41,13 @@ class ErasureSystem(L.LightningModule):
         self.concept_keys: list[str] = list(concepts)
         self.adv_pool: list[dict] = []
         self.vocab_tokens = torch.zeros(0, 0)
+        self.gate_fit_sets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.adv_gate_pos: dict[str, torch.Tensor] = {}  # concept key -> (n, d) adversarial gate positives
+
+    def set_gate_fit_sets(self, fit_sets: dict) -> None:
+        """concept -> (positives (d, n), negatives (d, m)) each gate was fitted on (``initialize_bank``'s
+        ``fit_sets``); with ``adv.gate_refit_steps`` the gates are refitted on them plus the adversarial tokens."""
+        self.gate_fit_sets = dict(fit_sets)
 
     def set_gate_vocabulary(self, tokens: torch.Tensor) -> None:
         """(n_v, d) vocabulary tokens; each step samples ``GATE_VOCAB_SAMPLE`` of them as extra gate negatives."""
@@ -138,17 +146,48 @@ class ErasureSystem(L.LightningModule):
         n = min(self.adv.rows, x_t.shape[0])
         with torch.no_grad(), self.bank.disabled():
             target = self._unet(x_t[:n], batch["t"][:n], batch["emb"][:n])  # ε(x_t, c_tgt), frozen
-        ids, pos = insert_placeholders(batch["ids"][:n], batch["span"][:n], self.adv.n_adv, self.adv.position,
+        positions = str(self.adv.position).split(",")  # several: one per attack round, in turn
+        position = positions[(self.global_step // self.adv.every) % len(positions)]
+        ids, pos = insert_placeholders(batch["ids"][:n], batch["span"][:n], self.adv.n_adv, position,
                                        self.components.tokenizer.eos_token_id)
         with torch.enable_grad():
             c_adv, loss = build("inner_attack", {"name": self.adv.name, "steps": self.adv.steps, "lr": self.adv.lr},
                                 unet=self.unet, text_encoder=self.text_encoder, ids=ids.to(self.device), positions=pos,
                                 x_t=x_t[:n], t=batch["t"][:n], eps_target=target,
                                 init_ids=batch["ids"][:n], init_span=batch["span"][:n])
+        if self.adv.gate_refit_steps:
+            self.refit_gates(adversarial_gate_tokens(c_adv, ids, pos, batch["ids"][:n], batch["span"][:n]),
+                             batch["concept"][:n])
         for i in range(n):
             self.adv_pool.append({"c_adv": c_adv[i], "emb": batch["emb"][i], "emb_neu": batch["emb_neu"][i]})
         self.adv_pool = self.adv_pool[-self.adv.pool :]
         self.log("train/adv_attack_loss", loss, on_step=True, batch_size=n)
+
+    @torch.no_grad()
+    def refit_gates(self, tokens: torch.Tensor, concept: torch.Tensor) -> None:
+        """Adversarial gate positives: ``tokens`` (n, k, d) of the attacked rows (``adversarial_gate_tokens``),
+        ``concept`` (n,) their concept indices. Each concept's new tokens join its pool (the newest
+        ``adv.gate_pool``) and its gate is refitted from where it is (``fit_gate``, ``adv.gate_refit_steps`` steps)
+        on the positives and negatives it was first fitted on plus the pool as a positive term of its own. Without
+        this the inner attack's rows teach nothing: the attack finds embeddings the gate stays shut on, so the
+        edit, and its gradient, is zero on them. Under DDP every rank refits on every rank's tokens."""
+        if self._trainer is not None and self.trainer.world_size > 1:
+            tokens, concept = self.all_gather(tokens).flatten(0, 1), self.all_gather(concept).flatten(0, 1)
+        for k, name in enumerate(self.concept_keys):
+            new = tokens[concept.to(tokens.device) == k].flatten(0, 1).float().cpu()  # (n_k * k, d)
+            ad = self.bank[name]
+            if not len(new) or not ad.gated or name not in self.gate_fit_sets:
+                continue
+            pool = torch.cat([self.adv_gate_pos.get(name, new[:0]), new])[-self.adv.gate_pool :]
+            self.adv_gate_pos[name] = pool
+            pos, neg = self.gate_fit_sets[name]
+            Q, gamma, tau = fit_gate(ad.Q.cpu(), float(ad.gamma), float(ad.tau), pos, neg, steps=self.adv.gate_refit_steps,
+                                     seed=self.global_step, C_extra=pool.T)
+            ad.Q.copy_(Q)
+            ad.gamma.fill_(gamma)
+            ad.tau.fill_(tau)
+        self.log("train/adv_gate_pool", float(sum(len(v) for v in self.adv_gate_pos.values())), on_step=True,
+                 batch_size=len(concept))
 
     # -- checkpoints hold only the adapter -----------------------------------------------------------
     # everything a step depends on besides the adapter and optimizer (which Lightning saves): the adversarial
@@ -156,9 +195,11 @@ class ErasureSystem(L.LightningModule):
     def on_save_checkpoint(self, checkpoint):
         checkpoint["ace_concepts"] = list(self.concept_keys)
         checkpoint["ace_adv_pool"] = [{k: v.detach().cpu() for k, v in row.items()} for row in self.adv_pool]
+        checkpoint["ace_adv_gate_pos"] = {k: v.cpu() for k, v in self.adv_gate_pos.items()}
 
     def on_load_checkpoint(self, checkpoint):
         saved = checkpoint.get("ace_concepts")
         if saved is not None and self.concept_keys and list(saved) != list(self.concept_keys):
             raise ValueError(f"checkpoint was trained for concepts {saved}, this run erases {self.concept_keys}")
         self.adv_pool = [{k: v.to(self.device) for k, v in row.items()} for row in checkpoint.get("ace_adv_pool", [])]
+        self.adv_gate_pos = dict(checkpoint.get("ace_adv_gate_pos", {}))
