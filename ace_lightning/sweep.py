@@ -261,6 +261,7 @@ def run_offline(sweep: Sweep, out: Path, count: int | None) -> list[dict]:
     if runs:
         say(f"sweep {sweep.name}: {done} finished run(s) read back from {out / 'state.json'}")
     while count is None or done < count:
+        _seed_engine(sweep, len(runs))
         proposal = sweeps.next_run(_engine_config(sweep.spec), _engine_runs(sweep, runs))
         if proposal is None:
             say(f"sweep {sweep.name}: the grid is exhausted after {len(runs)} run(s)")
@@ -289,6 +290,20 @@ def run_offline(sweep: Sweep, out: Path, count: int | None) -> list[dict]:
         _write_state(out, sweep, runs)
         write_reports(sweep, out, runs)
     return runs
+
+
+def _seed_engine(sweep: Sweep, n_runs: int) -> None:
+    """The engine draws from numpy's global generator, which every training run re-seeds (``seed_everything``):
+    unseeded, a bayes sweep proposed the same point twice in a row. Seeding it by (sweep, proposal number) makes
+    the proposals distinct and an offline sweep reproducible."""
+    import random
+    import zlib
+
+    import numpy as np
+
+    key = zlib.crc32(f"{sweep.name}:{n_runs}".encode())
+    np.random.seed(key)
+    random.seed(key)
 
 
 def online_available() -> bool:
