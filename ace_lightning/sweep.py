@@ -352,12 +352,16 @@ def collect_runs(sweep: Sweep, out: Path) -> list[dict]:
     for mfile in sorted((out / "runs").glob("*/metrics.json")):
         cfg = OmegaConf.load(mfile.with_name("config.yaml"))
         metrics = json.loads(mfile.read_text())["metrics"]
-        runs.append({"name": mfile.parent.name, "params": {k: OmegaConf.to_container(OmegaConf.select(cfg, k))
-                                                           if OmegaConf.is_config(OmegaConf.select(cfg, k))
-                                                           else OmegaConf.select(cfg, k) for k in sweep.keys},
+        runs.append({"name": mfile.parent.name, "params": {k: _plain_select(cfg, k) for k in sweep.keys},
                      "state": "finished", "objective": metrics.get(sweep.metric), "seconds": metrics.get("run/seconds"),
                      "metrics": {k: v for k, v in metrics.items() if k.startswith(("bench/", "eval/", "run/"))}})
     return runs
+
+
+def _plain_select(cfg, key: str):
+    """The value at a dotted ``key`` of ``cfg`` as plain Python (lists and dicts as containers)."""
+    value = OmegaConf.select(cfg, key)
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
 # -- reports -----------------------------------------------------------------------------------------------------

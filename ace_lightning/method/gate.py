@@ -157,10 +157,11 @@ def fit_gate(Q: torch.Tensor, gamma: float, tau: float, C: torch.Tensor, P: torc
     if steps <= 0:
         return Q, gamma, tau
     g = torch.Generator().manual_seed(seed)
-    Ct = (C / C.norm(dim=0, keepdim=True).clamp_min(1e-8)).float().T.contiguous()  # (n, d)
-    Xt = None if C_extra is None or not C_extra.numel() else \
-        (C_extra / C_extra.norm(dim=0, keepdim=True).clamp_min(1e-8)).float().T.contiguous()  # (n_x, d)
-    Pt = (P / P.norm(dim=0, keepdim=True).clamp_min(1e-8)).float().T.contiguous()  # (m, d)
+    def unit_rows(X):  # (d, n) columns -> (n, d) unit rows, float32
+        return _unit_cols(X).float().T.contiguous()
+
+    Ct, Pt = unit_rows(C), unit_rows(P)  # (n, d), (m, d)
+    Xt = None if C_extra is None or not C_extra.numel() else unit_rows(C_extra)  # (n_x, d)
     Qp = (Q.double() * math.sqrt(max(gamma, 1e-12))).float().clone().requires_grad_(True)  # (d, q)
     b0 = float(gamma * tau)
     b = torch.tensor(b0, requires_grad=True)  # γτ: the threshold in the folded form
