@@ -80,26 +80,48 @@ def parse_args(argv: list[str]) -> CompareConfig:
     return cfg
 
 
+def _flat(tree, prefix: str = "") -> dict:
+    """Nested dicts as {"a.b.c": leaf}."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+    return out
+
+
+def same_run(old_yaml: str, wanted, defaults) -> bool:
+    """Whether a finished run's config (``old_yaml``, its config.yaml) is the run ``wanted`` asks for: every key
+    equal, except keys the old config lacks (added to the config since) whose wanted value is their default in
+    ``defaults``, which is what the code did before they existed."""
+    from omegaconf import OmegaConf
+
+    old = _flat(OmegaConf.to_container(OmegaConf.create(old_yaml)))
+    new = _flat(OmegaConf.to_container(wanted, resolve=True))
+    base = _flat(OmegaConf.to_container(defaults, resolve=True))
+    if set(old) - set(new):
+        return False
+    return all(old[k] == v if k in old else (k in base and base[k] == v) for k, v in new.items())
+
+
 def train_all(cfg: CompareConfig, out: Path) -> dict[str, Path]:
     """Train (or reuse) every method, each in its own process (so that its peak memory is its own and a failing
     method is reported, not fatal to the others); returns method -> run folder of those that finished."""
     import subprocess
 
-    from omegaconf import OmegaConf
-
     from ace_lightning.config import load_config
     from ace_lightning.utils import say
 
-    runs = {}
+    runs, defaults = {}, load_config([f"concept={cfg.concept}"])  # base.yaml's values (method ace adds none)
     for i, m in enumerate(cfg.methods, 1):
         args = [f"concept={cfg.concept}", f"method={m}", f"output_dir={out / 'runs'}", f"name={m}",
                 "logger.wandb=false", "grid.enabled=false", "trainer.enable_progress_bar=false", "overwrite=true",
                 *([f"model.path={cfg.model}"] if cfg.model else []), f"trainer.devices={cfg.devices}", *cfg.train,
                 *cfg.per_method.get(m, [])]
-        wanted = OmegaConf.to_yaml(load_config(args))  # bad keys fail here, before any training
+        wanted = load_config(args)  # bad keys fail here, before any training
         run_dir = out / "runs" / m
         done = (run_dir / "adapter.safetensors").is_file() and (run_dir / "config.yaml").is_file()
-        if done and (run_dir / "config.yaml").read_text() == wanted:
+        if done and same_run((run_dir / "config.yaml").read_text(), wanted, defaults):
             say(f"[{i}/{len(cfg.methods)}] {m}: reusing {run_dir} (same config)")
         else:
             say(f"[{i}/{len(cfg.methods)}] training {m} ...")

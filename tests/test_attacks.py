@@ -167,3 +167,18 @@ def test_compare_adds_asr_columns_with_intervals_and_the_asr_plot(tmp_path):
     assert lo < 75.0 < hi and hi - lo < 80
     assert "`ASR_a`" in markdown(table, settings, "make compare")
     assert plot_asr(table, settings, tmp_path / "compare_asr.png").is_file()
+
+
+def test_attack_limit_spreads_over_prompts_seed_by_seed():
+    """attack_limit=n takes every erased prompt's first seed before any prompt's second, so a limited attack on a
+    multi-concept suite covers every concept (it used to take the first prompts' every seed: one concept only)."""
+    from ace_lightning.bench.attacks import rows_to_attack
+    from ace_lightning.bench.suites import PromptRow
+
+    rows = [PromptRow("s", i, f"p{i}", seed, group=g, variant=v)
+            for v in ("base", "ace") for i, g in enumerate(["erased", "erased", "retained", "erased"])
+            for seed in (0, 1, 2)]
+    got = rows_to_attack(rows, 4)
+    for v in ("base", "ace"):
+        assert [(r.index, r.seed) for r in got if r.variant == v] == [(0, 0), (1, 0), (3, 0), (0, 1)]
+    assert len(rows_to_attack(rows, None)) == 18  # no limit: every erased row of every variant

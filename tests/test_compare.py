@@ -83,3 +83,25 @@ def test_compare_bad_keys():
     with pytest.raises(ConfigError, match="required"):
         parse_args(["suite=x"])
     assert parse_args(["suite=x", "concept=y", "esd_x.optim.lr=1e-3"]).per_method == {"esd_x": ["optim.lr=1e-3"]}
+
+
+def test_finished_run_is_reused_across_config_keys_added_since_with_their_defaults():
+    """A run finished before a config key existed is the same run when the key now holds its default (what the code
+    did before the key was added); any other difference, an added key set off its default or a removed key, is not.
+    Found when adding adv.gate_refit_steps made `make compare` retrain every method and regenerate every image."""
+    from omegaconf import OmegaConf
+
+    from ace_lightning.compare import same_run
+    from ace_lightning.config import load_config
+
+    defaults = load_config(["concept=circle"])
+    wanted = load_config(["concept=circle"])
+    old = OmegaConf.to_container(wanted)
+    del old["adv"]["gate_refit_steps"], old["eval"]  # a run written before these keys existed
+    old_yaml = OmegaConf.to_yaml(OmegaConf.create(old))
+    assert same_run(OmegaConf.to_yaml(wanted), wanted, defaults)
+    assert same_run(old_yaml, wanted, defaults)
+    assert not same_run(old_yaml, load_config(["concept=circle", "adv.gate_refit_steps=5"]), defaults)
+    assert not same_run(old_yaml, load_config(["concept=square"]), defaults)
+    old["adv"]["retired_key"] = 1  # a key the config no longer has
+    assert not same_run(OmegaConf.to_yaml(OmegaConf.create(old)), wanted, defaults)

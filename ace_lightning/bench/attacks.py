@@ -52,12 +52,12 @@ def check_attack_settings(out: Path, variants: list[str], configs: dict[str, dic
 
 
 def rows_to_attack(rows: list[PromptRow], limit: int | None) -> list[PromptRow]:
-    """The erased-group rows (plain prompts, not the modifier groups) of every variant; the first ``limit`` of
-    each variant when given (the same prompts and seeds for every variant)."""
+    """The erased-group rows (plain prompts, not the modifier groups) of every variant, seed by seed (every prompt's
+    first seed, then every prompt's second, ...); the first ``limit`` of each variant when given, so that a limited
+    attack still covers every erased prompt (the same prompts and seeds for every variant)."""
+    erased = sorted((r for r in rows if r.group == "erased" and not r.attack), key=lambda r: r.seed)  # stable
     out, per = [], {}
-    for r in rows:
-        if r.group != "erased" or r.attack:
-            continue
+    for r in erased:
         if limit is not None and per.get(r.variant, 0) >= limit:
             continue
         per[r.variant] = per.get(r.variant, 0) + 1
