@@ -407,7 +407,8 @@ def drop_stale_images(bench_dir: Path, runs: dict[str, Path]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> dict:
     from ace_lightning.bench.run import main as bench_main
-    from ace_lightning.method.adapter import slug
+    from ace_lightning.config import concept_names
+    from ace_lightning.method.adapter import concepts_slug
     from ace_lightning.utils import (
         atomic_write_json,
         atomic_write_text,
@@ -419,7 +420,7 @@ def main(argv: list[str] | None = None) -> dict:
     quiet_known_notices()
     argv = sys.argv[1:] if argv is None else argv
     cfg = parse_args(argv)
-    out = Path(cfg.out or Path("outputs") / "compare" / cfg.suite / "+".join(slug(c) for c in cfg.concept.split(",")))
+    out = Path(cfg.out or Path("outputs") / "compare" / cfg.suite / concepts_slug(concept_names(cfg.concept)))
     t0 = time.perf_counter()
     runs = train_all(cfg, out)
     say(f"generating and scoring {len(runs)} methods + base on {cfg.suite} ...")

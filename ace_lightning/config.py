@@ -210,6 +210,25 @@ def _merge(cfg: DictConfig, other, origin: str) -> DictConfig:
 DEFAULT_NEUTRALS = {"object": "object", "style": "art", "person": "a person", "nsfw": "a clothed person"}
 
 
+def concept_names(spec: str) -> list[str]:
+    """The names of ``concept=``: comma-separated, where ``@<file>`` stands for the names in that file (one a line;
+    blank lines and ``#`` comments skipped), e.g. ``concept=@benchmarks/suites/lists/toy_cast_100.txt``."""
+    out = []
+    for item in (c.strip() for c in spec.split(",")):
+        if not item.startswith("@"):
+            out.append(item)
+            continue
+        path = Path(item[1:])
+        if not path.is_file():
+            raise ConfigError(f"concept list {path} (from {item!r}) not found")
+        names = [ln.split("#", 1)[0].strip() for ln in path.read_text().splitlines()]
+        names = [n for n in names if n]
+        if not names:
+            raise ConfigError(f"concept list {path} names no concept")
+        out += names
+    return out
+
+
 def _adhoc(cfg: DictConfig, name: str) -> DictConfig:
     kind = str(cfg.kind)
     if kind not in DEFAULT_NEUTRALS:
@@ -252,7 +271,7 @@ def validate(cfg: DictConfig) -> None:
         v = OmegaConf.select(cfg, key)
         if v is not None and not ok(v):
             raise ConfigError(f"{key}={v} is out of range: must be {words}")
-    from ace_lightning.method.adapter import slug
+    from ace_lightning.method.adapter import concepts_slug, slug
     from ace_lightning.registry import lookup
 
     for position in str(cfg.adv.position).split(","):  # a typo fails here, not at the first attack step
@@ -271,7 +290,7 @@ def validate(cfg: DictConfig) -> None:
         if key in seen:
             raise ConfigError(f"concept {c.concept!r} is given twice (as {seen[key]!r} too)")
         seen[key] = str(c.concept)
-    run_name = cfg.name or "+".join(seen)
+    run_name = cfg.name or concepts_slug(list(seen.values()))
     if len(run_name) > MAX_NAME:
         raise ConfigError(f"run name of {len(run_name)} characters (> {MAX_NAME}): give a shorter name=")
 
@@ -306,7 +325,10 @@ def load_config(overrides: list[str] | None = None, base: Path | None = None) ->
     for o in overrides or []:
         if "=" not in o:
             raise ConfigError(f"override {o!r} is not key=value")
-    for o in overrides or []:
+    # concept=@<file> (a concept list): "@" is reserved in YAML, so the value is taken as the string it is
+    overrides = [f"concept='{o.split('=', 1)[1]}'" if o.startswith("concept=@") and "'" not in o else o
+                 for o in overrides or []]
+    for o in overrides:
         try:
             OmegaConf.from_dotlist([o])
         except Exception as e:  # noqa: BLE001 - omegaconf/yaml raise several types for unparsable values
@@ -330,7 +352,7 @@ def load_config(overrides: list[str] | None = None, base: Path | None = None) ->
     if recipe_path:
         cfg = _merge(cfg, recipe_cfg, str(recipe_path))
     cfg = _merge(cfg, cli, "command-line overrides")
-    names = [c.strip() for c in str(cfg.concept or "").split(",")]
+    names = concept_names(str(cfg.concept or ""))
     if str(cfg.concept or "").strip() and not any(names):
         raise ConfigError(f"no concept name in concept={cfg.concept!r}")
     if cfg.concept is not None and str(cfg.concept).strip() and any(not n for n in names):

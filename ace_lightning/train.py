@@ -20,7 +20,7 @@ from ace_lightning.callbacks.progress import ErasureProgressBar
 from ace_lightning.config import load_config
 from ace_lightning.data.datamodule import ErasureDataModule
 from ace_lightning.data.prompts import ErasureRequest
-from ace_lightning.method.adapter import slug
+from ace_lightning.method.adapter import concepts_slug
 from ace_lightning.models.loading import (
     content_fingerprint,
     load_components,
@@ -50,7 +50,7 @@ def run(cfg) -> dict:
     quiet_known_notices()
     t = cfg.trainer
     requests = [ErasureRequest(**OmegaConf.to_container(c)) for c in cfg.concepts]
-    name = cfg.name or "+".join(slug(r.concept) for r in requests)
+    name = cfg.name or concepts_slug([r.concept for r in requests])
     if not cfg.name and os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_RUN_ID"):
         name += f"-{os.environ['WANDB_RUN_ID']}"  # a wandb agent's runs: one folder each
     run_dir = Path(cfg.output_dir) / name

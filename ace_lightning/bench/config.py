@@ -22,6 +22,9 @@ class BenchConfig:
     out: str | None = None  # output folder (default outputs/bench/<suite>/<run>)
     run: str | None = None  # run name (default: the variant names joined by '+')
     erased: str | None = None  # comma-separated erased classes (default: adapters' concepts, else the suite's)
+    n_erased: int | None = None  # erase the first n of the suite's classes in a fixed random order (erased_seed)
+    n_retained: int | None = None  # with n_erased: generate only the next n classes of that order as retained
+    erased_seed: int = 0  # the order n_erased draws from: the sets for n = 1 < 10 < 50 < 100 are nested
     classes: str | None = None  # generate only these classes (zero-shot stays over the suite's full list)
     templates: int | None = None  # use only the first n templates
     limit: int | None = None  # csv suites: only the first n prompts

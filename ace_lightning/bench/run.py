@@ -55,12 +55,21 @@ def plan_run(cfg: BenchConfig, suite) -> Plan:
     variants = ({"base": None} if cfg.base else {}) | adapter_variants(csv_list(cfg.adapter) or [])
     if not variants:
         raise ConfigError("nothing to run: base=false and no adapter=")
-    erased = csv_list(cfg.erased)
+    erased, classes = csv_list(cfg.erased), csv_list(cfg.classes)
+    if cfg.n_erased is not None:
+        if erased is not None or classes is not None or suite.classes is None:
+            raise ConfigError("n_erased= needs a suite with classes, and no erased= or classes=")
+        from ace_lightning.bench.suites import draw_erased
+
+        erased, kept = draw_erased(suite.classes.names, cfg.n_erased, cfg.erased_seed, cfg.n_retained)
+        classes = erased + kept if cfg.n_retained is not None else None
+    elif cfg.n_retained is not None:
+        raise ConfigError("n_retained= goes with n_erased=")
     if erased is None and suite.classes is not None:
         found = [c for a in variants.values() if a for c in adapter_concepts(a) if c in suite.classes.names]
         erased = list(dict.fromkeys(found)) or None
     overrides = {k: getattr(cfg, k) for k in ("steps", "guidance", "scheduler") if getattr(cfg, k) is not None}
-    sel = Selection(erased=suite.prompts.resolve_erased(erased), classes=csv_list(cfg.classes), templates=cfg.templates,
+    sel = Selection(erased=suite.prompts.resolve_erased(erased), classes=classes, templates=cfg.templates,
                     limit=cfg.limit, csv=cfg.csv, seed=suite.seed if cfg.seed is None else cfg.seed,
                     images_per_prompt=cfg.images_per_prompt or suite.images_per_prompt)
     run = cfg.run or "+".join(variants)

@@ -79,6 +79,18 @@ class Selection:
     seed: int = 0
 
 
+def draw_erased(names: list[str], n: int, seed: int = 0, n_retained: int | None = None) -> tuple[list[str], list[str]]:
+    """``n_erased=n``: (erased, retained) = the first ``n`` of ``names`` in the random order fixed by ``seed`` and
+    the rest, or only the next ``n_retained`` of that order. Nested: a smaller n's erased set is a prefix of a larger
+    one's. ConfigError unless at least one class stays retained."""
+    if not 1 <= n < len(names):
+        raise ConfigError(f"n_erased={n}: the suite has {len(names)} classes; give 1 <= n_erased < {len(names)}")
+    if n_retained is not None and not 1 <= n_retained <= len(names) - n:
+        raise ConfigError(f"n_retained={n_retained}: {len(names) - n} classes are left after n_erased={n}")
+    order = random.Random(seed).sample(list(names), len(names))
+    return order[:n], order[n:] if n_retained is None else order[n : n + n_retained]
+
+
 # ---- prompt sources --------------------------------------------------------------------------------
 def _read_list(path: Path) -> list[str]:
     if not path.is_file():

@@ -26,6 +26,17 @@ def slug(name: str) -> str:
     return s
 
 
+def concepts_slug(names: list[str], limit: int = 80) -> str:
+    """A folder name for a set of concepts: their slugs joined by ``+``; past ``limit`` characters (a 100-concept
+    list), the first one, how many more and a hash of them all (``"a+99_more-1f2e3d4c"``)."""
+    joined = "+".join(slug(n) for n in names)
+    if len(joined) <= limit or len(names) == 1:
+        return joined
+    import hashlib
+
+    return f"{slug(names[0])}+{len(names) - 1}_more-{hashlib.sha256(joined.encode()).hexdigest()[:8]}"
+
+
 def layer_key(module_name: str) -> str:
     return module_name.replace(".", "__")
 

@@ -47,7 +47,26 @@ def _toy_character_looks() -> dict[str, list[str]]:
     """Each character's look in words, "a <colour> <style> <shape>" (the canonical words the captions use)."""
     from ace_lightning.toyworld.world import CHARACTERS
 
-    return {k: [f"a {color} {style} {shape}"] for k, (shape, color, style) in CHARACTERS.items()}
+    return _looks_in_words(CHARACTERS)
+
+
+@register("class_source", "toyworld_cast")
+def _toy_cast() -> dict[str, list[str]]:
+    """The whole cast: the four characters and the 150 names of the build's cast stage (toyworld/cast.py)."""
+    from ace_lightning.toyworld.cast import cast
+
+    return {k: [] for k in cast()}
+
+
+@register("class_source", "toyworld_cast_looks")
+def _toy_cast_looks() -> dict[str, list[str]]:
+    from ace_lightning.toyworld.cast import cast
+
+    return _looks_in_words(cast())
+
+
+def _looks_in_words(people: dict[str, tuple[str, str, str]]) -> dict[str, list[str]]:
+    return {k: [f"a {color} {style} {shape}"] for k, (shape, color, style) in people.items()}
 
 
 # ---- scorers ---------------------------------------------------------------------------------------
@@ -120,12 +139,14 @@ class ToyClassifierScorer(Scorer):
         self.classes = classes
         labels = self.clf.labels
         if self.head == "look":
-            from ace_lightning.toyworld.world import CHARACTERS
+            from ace_lightning.toyworld.cast import cast
 
-            bad = [c for c in classes.names if c not in CHARACTERS]
+            people = cast()  # the four characters and the rest of the cast
+            bad = [c for c in classes.names if c not in people]
             if bad:
                 raise ConfigError(f"head=look scores ToyWorld characters; unknown: {bad}")
-            self._look = [[labels[h].index(v) for h, v in zip(("shape", "color", "style"), CHARACTERS[c], strict=True)] for c in classes.names]
+            self._look = [[labels[h].index(v) for h, v in zip(("shape", "color", "style"), people[c], strict=True)]
+                          for c in classes.names]
         else:
             bad = [c for c in classes.names if c not in labels[self.head]]
             if bad:

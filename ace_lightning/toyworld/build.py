@@ -43,9 +43,14 @@ class BuildConfig:
     # count is lowered (never raised) to fit it, so the LR schedule still completes; recorded in the card
     ckpt_every: int = 200  # UNet checkpoint period (steps)
     threads: int = 1  # one thread: torch's 2-thread barriers stall badly on a shared 2-core machine
+    cast_steps: int = 1200  # cast stage: Adam steps on the 150 new names' token embeddings (see cast_stage.py)
+    cast_batch: int = 128
+    cast_lr: float = 5e-3
+    cast_images_per_character: int = 48
 
 
-SMOKE = dict(n_images=600, classifier_steps=10, clip_steps=10, vae_steps=10, unet_steps=12, ckpt_every=5)
+SMOKE = dict(n_images=600, classifier_steps=10, clip_steps=10, vae_steps=10, unet_steps=12, ckpt_every=5,
+             cast_steps=3, cast_batch=8, cast_images_per_character=2)
 
 
 def rgb_tensor(images: np.ndarray) -> torch.Tensor:
@@ -203,6 +208,17 @@ def encode_latents(vae, data: dict) -> tuple[torch.Tensor, torch.Tensor, float]:
     return mean, std, 1.0 / sample_std
 
 
+def noised(mean: torch.Tensor, std: torch.Tensor, idx: torch.Tensor, scale: float, alphas: torch.Tensor,
+           gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A diffusion training batch from cached VAE posteriors (mean, std: (N, 4, 8, 8)) at rows ``idx`` (B,):
+    (z_t, t, noise), a latent sampled from each posterior, noised at a uniform timestep."""
+    z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale  # (B, 4, 8, 8)
+    noise = torch.randn(z0.shape, generator=gen)
+    t = torch.randint(0, len(alphas), (len(z0),), generator=gen)  # (B,)
+    a = alphas[t].view(-1, 1, 1, 1)
+    return a.sqrt() * z0 + (1 - a).sqrt() * noise, t, noise
+
+
 def train_unet(data: dict, latents: tuple, cfg: BuildConfig, work: Path, rng_seed: int):
     """Text encoder + UNet, jointly, on cached latents; resumable from work/unet_ckpt.pt."""
     from transformers import CLIPTokenizer
@@ -251,11 +267,7 @@ def train_unet(data: dict, latents: tuple, cfg: BuildConfig, work: Path, rng_see
         ]
         ids = tokenizer(caps, padding="max_length", max_length=C.CONTEXT_LENGTH, truncation=True,
                         return_tensors="pt").input_ids  # (B, T)
-        z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale  # (B, 4, 8, 8)
-        noise = torch.randn(z0.shape, generator=gen)
-        t = torch.randint(0, len(alphas), (len(z0),), generator=gen)
-        a = alphas[t].view(-1, 1, 1, 1)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        zt, t, noise = noised(mean, std, idx, scale, alphas, gen)
         cond = text_encoder(ids).last_hidden_state  # (B, T, 128)
         loss = nn.functional.mse_loss(unet(zt, t, cond).sample, noise)
         opt.zero_grad(set_to_none=True)
@@ -337,6 +349,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=str(ASSETS_DIR), help="where the assets and the card are written")
     ap.add_argument("--smoke", action="store_true", help="tiny step counts: checks the whole pipeline in a minute")
     ap.add_argument("--skip-eval", action="store_true", help="export only, no evaluation")
+    ap.add_argument("--continue-from", default=None, metavar="ASSETS",
+                    help="run only the cast stage on the model already built in ASSETS (e.g. the shipped one) and "
+                         "write its text encoder and card back there")
     for f, v in asdict(BuildConfig()).items():
         ap.add_argument(f"--{f.replace('_', '-')}", type=type(v), default=None)
     args = ap.parse_args(argv)
@@ -345,6 +360,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(cfg.threads)
     work, out = Path(args.work_dir), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
+    if args.continue_from:
+        return continue_with_cast(Path(args.continue_from), cfg, work, args, argv)
     t0 = time.time()
     timings_path = work / "stage_seconds.json"  # kept across resumed runs
     timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
@@ -381,6 +398,10 @@ def main(argv: list[str] | None = None) -> dict:
         torch.save((text_encoder, unet, sched, unet_info), unet_done)
         timings["text_encoder_unet"] = round(time.time() - ts, 1)
         timings_path.write_text(json.dumps(timings, indent=2))
+    ts = time.time()
+    cast_info = cast_stage(text_encoder, unet, sched, vae, latents[2], cfg, work)
+    timings["cast"] = round(time.time() - ts, 1)
+    timings_path.write_text(json.dumps(timings, indent=2))
 
     from .classifier import save_classifier
 
@@ -393,7 +414,7 @@ def main(argv: list[str] | None = None) -> dict:
     card = {
         "name": "ToyWorld",
         "image_size": C.IMAGE_SIZE,
-        "build": {**asdict(cfg), "smoke": args.smoke, "unet": unet_info, "stage_seconds": timings,
+        "build": {**asdict(cfg), "smoke": args.smoke, "unet": unet_info, "cast": cast_info, "stage_seconds": timings,
                   "vae_scaling_factor": latents[2], "torch": torch.__version__,
                   "diffusers": __import__("diffusers").__version__,
                   "transformers": __import__("transformers").__version__,
@@ -413,6 +434,46 @@ def main(argv: list[str] | None = None) -> dict:
     card_path.write_text(json.dumps(card, indent=2))
     print(json.dumps(card.get("quality", {}), indent=2))
     return card
+
+
+def cast_stage(text_encoder, unet, sched, vae, scale: float, cfg: BuildConfig, work: Path) -> dict:
+    """The cast stage (see cast_stage.py) on a built model, in place; resumable through ``work``."""
+    from transformers import CLIPTokenizer
+
+    from .cast import base_pieces, cast
+    from .cast_stage import CastConfig, train_cast
+
+    tokenizer = CLIPTokenizer.from_pretrained(work / "tokenizer")
+    new = {k: v for k, v in cast().items() if k not in CHARACTERS}
+    ccfg = CastConfig(steps=cfg.cast_steps, batch=cfg.cast_batch, lr=cfg.cast_lr,
+                      images_per_character=cfg.cast_images_per_character, ckpt_every=cfg.ckpt_every, seed=cfg.seed)
+    return train_cast(text_encoder, unet, tokenizer, sched, vae, scale, new, base_pieces(tokenizer), ccfg,
+                      work / "cast", C.CONTEXT_LENGTH)
+
+
+def continue_with_cast(assets: Path, cfg: BuildConfig, work: Path, args, argv) -> dict:
+    """``--continue-from``: the cast stage on the model in ``assets``; its text encoder and card are rewritten."""
+    from ace_lightning.models.loading import load_components
+
+    from .tokenizer import write_clip_tokenizer
+
+    t0 = time.time()
+    write_clip_tokenizer(work / "tokenizer", C.CONTEXT_LENGTH)
+    comp = load_components(assets / PIPELINE_DIR.name)
+    info = cast_stage(comp.text_encoder, comp.unet, comp.scheduler, comp.vae, float(comp.vae.config.scaling_factor),
+                      cfg, work)
+    _fp16_with_fp32_config(comp.text_encoder, assets / PIPELINE_DIR.name / "text_encoder", transformers_model=True)
+    card_path = assets / CARD_PATH.name
+    card = json.loads(card_path.read_text())
+    command = " ".join(["python -m ace_lightning.toyworld.build", *(argv or sys.argv[1:])])
+    card["build"]["cast"] = {**info, "command": command}
+    card["build"].setdefault("stage_seconds", {})["cast"] = round(time.time() - t0, 1)
+    card_path.write_text(json.dumps(card, indent=2))
+    if not args.skip_eval:
+        from .evaluate import evaluate
+
+        evaluate(assets, n_per_figure=16 if args.smoke else 96)
+    return json.loads(card_path.read_text())
 
 
 if __name__ == "__main__":

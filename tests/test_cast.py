@@ -1,0 +1,151 @@
+"""ToyWorld's cast of 154 characters (issue 13): the names, their looks, the build's cast stage, the concept-list
+form of concept= and the n_erased draw of the toy-characters-100 suite (fast, CPU, offline)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import CLIPTokenizer
+
+from ace_lightning.registry import ConfigError
+from ace_lightning.toyworld import PIPELINE_DIR
+from ace_lightning.toyworld.cast import CAST_FILE, base_pieces, cast, generate_cast
+from ace_lightning.toyworld.world import CHARACTERS, COLORS, SHAPES, STYLES, render
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return CLIPTokenizer.from_pretrained(PIPELINE_DIR / "tokenizer")
+
+
+def test_cast_names_are_new_pronounceable_words_of_two_or_three_tokens(tokenizer):
+    people = cast()
+    names = list(people)
+    assert len(names) == len(set(names)) >= 150 + len(CHARACTERS)
+    assert {k: people[k] for k in CHARACTERS} == CHARACTERS and names[: len(CHARACTERS)] == list(CHARACTERS)
+    vocab, base = tokenizer.get_vocab(), base_pieces(tokenizer)
+    for n in names[len(CHARACTERS):]:
+        pieces = tokenizer.tokenize(n)
+        assert 2 <= len(pieces) <= 3, (n, pieces)
+        assert n + "</w>" not in vocab  # not one of CLIP's whole words (they cover common English)
+        assert not base & set(pieces), (n, base & set(pieces))  # learning it leaves every base prompt alone
+        assert any(v in n for v in "aeiou") and n.isalpha() and n.islower()
+
+
+def test_every_character_has_its_own_renderable_look():
+    people = cast()
+    assert len(set(people.values())) == len(people)  # distinct looks
+    for shape, color, style in people.values():
+        assert shape in SHAPES and color in COLORS and style in STYLES
+    imgs = [render(*look, seed=3) for look in list(people.values())[:: 15]]
+    assert all(im.shape == (32, 32, 3) for im in imgs) and len({im.tobytes() for im in imgs}) == len(imgs)
+    # hard cases exist: characters whose looks differ in one attribute only
+    looks = list(people.values())
+    assert any(sum(a != b for a, b in zip(x, y, strict=True)) == 1 for i, x in enumerate(looks) for y in looks[:i])
+
+
+def test_generator_still_draws_the_shipped_cast_file(tokenizer):
+    assert generate_cast(tokenizer) == cast(), f"{CAST_FILE} differs from generate_cast(); rewrite it with write_cast"
+
+
+def test_cast_stage_trains_only_the_new_names_rows(tiny_components, tmp_path):
+    """Two steps of the cast stage on a tiny model: the new names' pieces change, nothing else does (every other
+    prompt keeps its text embedding bit for bit), and a name then encodes differently."""
+    from ace_lightning.toyworld.cast_stage import CastConfig, train_cast, trainable_rows
+
+    c = tiny_components
+    looks = {"deeshail": ("star", "red", "plain"), "troodair": ("heart", "blue", "striped")}
+    frozen = base_pieces(c.tokenizer)
+    te_before = {k: v.clone() for k, v in c.text_encoder.state_dict().items()}
+    unet_before = {k: v.clone() for k, v in c.unet.state_dict().items()}
+    ids = c.tokenizer(["a picture of deeshail", "a red striped circle"], padding="max_length",
+                      max_length=c.tokenizer.model_max_length, return_tensors="pt").input_ids
+    with torch.no_grad():
+        h0 = c.text_encoder(ids).last_hidden_state
+    info = train_cast(c.text_encoder, c.unet, c.tokenizer, c.scheduler, c.vae, 1.0, looks, frozen,
+                      CastConfig(steps=2, batch=4, lr=0.5, images_per_character=2, ckpt_every=1), tmp_path,
+                      c.tokenizer.model_max_length)
+    rows = trainable_rows(c.tokenizer, list(looks), frozen)
+    assert info["trained_rows"] == len(rows) > 0 and (tmp_path / "cast_ckpt.pt").is_file()
+    for k, v in c.unet.state_dict().items():
+        assert torch.equal(v, unet_before[k]), k
+    emb_key = next(k for k in te_before if "token_embedding" in k)
+    for k, v in c.text_encoder.state_dict().items():
+        if k != emb_key:
+            assert torch.equal(v, te_before[k]), k
+    changed = (c.text_encoder.state_dict()[emb_key] != te_before[emb_key]).any(-1).nonzero().flatten()
+    assert set(changed.tolist()) == set(rows.tolist())
+    with torch.no_grad():
+        h1 = c.text_encoder(ids).last_hidden_state
+    assert not torch.equal(h1[0], h0[0]) and torch.equal(h1[1], h0[1])
+
+
+def test_concept_list_file(tmp_path):
+    from ace_lightning.config import concept_names, load_config
+
+    lst = tmp_path / "few.txt"
+    lst.write_text("# three ad-hoc names\nzorblax\n\ndeeshail  # a comment\ntroodair\n")
+    assert concept_names(f"@{lst},circle") == ["zorblax", "deeshail", "troodair", "circle"]
+    cfg = load_config([f"concept=@{lst}", "kind=person"])
+    assert [c.concept for c in cfg.concepts] == ["zorblax", "deeshail", "troodair"]
+    with pytest.raises(ConfigError, match="not found"):
+        concept_names(f"@{tmp_path / 'missing.txt'}")
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    with pytest.raises(ConfigError, match="names no concept"):
+        concept_names(f"@{tmp_path / 'empty.txt'}")
+    n100 = load_config(["concept=@benchmarks/suites/lists/toy_cast_100.txt", "kind=person"]) \
+        if Path("benchmarks").is_dir() else None
+    if n100 is not None:
+        assert len(n100.concepts) == 100
+
+
+def test_long_concept_sets_get_a_short_folder_name():
+    from ace_lightning.method.adapter import concepts_slug
+
+    assert concepts_slug(["Van Gogh", "circle"]) == "van_gogh+circle"
+    names = list(cast())[:100]
+    name = concepts_slug(names)
+    assert len(name) <= 80 and name.startswith(f"{names[0]}+99_more-")
+    assert concepts_slug(names[:99] + ["other"]) != name
+
+
+def test_n_erased_draws_nested_sets_and_the_shipped_lists_are_those_sets():
+    from ace_lightning.bench.suites import draw_erased
+
+    names = list(cast())
+    sets = {n: draw_erased(names, n, 0) for n in (1, 10, 50, 100)}
+    for small, big in ((1, 10), (10, 50), (50, 100)):
+        assert sets[big][0][:small] == sets[small][0]
+    er, kept = sets[100]
+    assert len(er) == 100 and len(kept) == len(names) - 100 >= 50 and not set(er) & set(kept)
+    er, kept = draw_erased(names, 10, 0, n_retained=50)
+    assert kept == sets[10][1][:50]
+    assert draw_erased(names, 10, 1)[0] != sets[10][0]
+    for n in (1, 10, 50, 100):
+        lines = [ln for ln in (REPO / f"benchmarks/suites/lists/toy_cast_{n}.txt").read_text().splitlines()
+                 if ln and not ln.startswith("#")]
+        assert lines == sets[n][0]
+    for bad in (0, len(names)):
+        with pytest.raises(ConfigError, match="n_erased"):
+            draw_erased(names, bad, 0)
+    with pytest.raises(ConfigError, match="n_retained"):
+        draw_erased(names, 100, 0, n_retained=55)
+
+
+def test_characters_100_suite_rows_with_n_erased():
+    from ace_lightning.bench.config import BenchConfig
+    from ace_lightning.bench.run import plan_run
+    from ace_lightning.bench.suites import load_suite
+
+    suite = load_suite("toy-characters-100")
+    plan = plan_run(BenchConfig(suite="toy-characters-100", n_erased=10, n_retained=50, templates=2,
+                                images_per_prompt=1, out="unused"), suite)
+    groups = {}
+    for r in plan.rows:
+        groups.setdefault(r.group, set()).add(r.label)
+    assert len(groups["erased"]) == 10 and len(groups["retained"]) == 50 and groups["described"] == groups["erased"]
+    with pytest.raises(ConfigError, match="n_erased"):
+        plan_run(BenchConfig(suite="toy-characters-100", n_erased=10, erased="zorblax", out="unused"), suite)
