@@ -149,3 +149,68 @@ def test_characters_100_suite_rows_with_n_erased():
     assert len(groups["erased"]) == 10 and len(groups["retained"]) == 50 and groups["described"] == groups["erased"]
     with pytest.raises(ConfigError, match="n_erased"):
         plan_run(BenchConfig(suite="toy-characters-100", n_erased=10, erased="zorblax", out="unused"), suite)
+
+
+def test_ten_concept_adapter_gates_each_name_and_applies_bit_for_bit(tiny_components, tmp_path):
+    """Ten cast names in one adapter on the tiny model (closed form + calibrated gates, no training): each concept's
+    gate opens on its own name's token and stays shut on the other nine names and on generic words; the file
+    applies to a stock pipeline and removes bit for bit."""
+    from types import SimpleNamespace
+
+    from diffusers import StableDiffusionPipeline
+
+    from ace_lightning import apply_adapter, remove_adapter
+    from ace_lightning.data.prompts import ErasureRequest
+    from ace_lightning.export import save_adapter
+    from ace_lightning.method.adapter import base_weights, inject
+    from ace_lightning.method.initialize import initialize_bank
+    from ace_lightning.method.text import last_word_states
+    from ace_lightning.models.loading import model_fingerprint
+
+    c = tiny_components
+    names = [ln for ln in (REPO / "benchmarks/suites/lists/toy_cast_10.txt").read_text().splitlines()
+             if ln and not ln.startswith("#")]
+    templates = ["{}", "a picture of {}", "a photo of {}", "an image of {}", "a drawing of {}", "{} in a park",
+                 "a portrait of {}", "one {}"]
+    words = ["dog", "house", "tree", "car", "river", "someone", "person", "woman", "man", "child", "city", "red",
+             "blue", "cat", "mountain", "boat"]
+
+    def states(phrases):  # (d, n): the last word token of each phrase in every template
+        return last_word_states(c.text_encoder, c.tokenizer, [t.format(p) for p in phrases for t in templates]).T
+
+    neutral = states(["someone"])
+    concepts = [SimpleNamespace(request=SimpleNamespace(concept=n), C=states([n]), N=neutral) for n in names]
+    P = states(words)  # (d, m): generic tokens the gates must leave alone
+    from ace_lightning.method.text import encode_prompts
+
+    cond = encode_prompts(c.text_encoder, c.tokenizer, [f"a picture of {names[0]}", f"a photo of {names[7]}"])[0]
+    ref = _unet_out(c.unet, cond)
+    bank = inject(c.unet)
+    acfg = SimpleNamespace(rank=4, gate_q=8, gate_directions="svd", gate_project_out=0, gate_hard_rounds=0,
+                           gate_target=0.95, gate_fit_steps=0, gate_carry=False, ungated=False)
+    initialize_bank(bank, base_weights(c.unet), concepts, P, SimpleNamespace(enabled=True, lam=0.1, s_e=1.0, s_p=1.0),
+                    acfg)
+    with torch.no_grad():
+        for i, cd in enumerate(concepts):
+            gate = bank[cd.request.concept].gate
+            own = gate(cd.C.T)  # (8,)
+            others = torch.cat([gate(o.C.T) for j, o in enumerate(concepts) if j != i])  # (72,)
+            assert (own > 0.5).float().mean() >= 0.75, (cd.request.concept, own)
+            assert (others > 0.5).float().mean() <= 0.1, (cd.request.concept, others)
+            assert (gate(P.T) > 0.5).float().mean() <= 0.1
+    edited = _unet_out(c.unet, cond)
+    assert not torch.equal(edited, ref)
+    path = save_adapter(tmp_path / "ten.safetensors", bank, [ErasureRequest(n, "person", "someone") for n in names],
+                        c.source, model_fingerprint(c.unet), ["to_k", "to_v"])
+    pipe = StableDiffusionPipeline.from_pretrained(c.source, safety_checker=None, requires_safety_checker=False)
+    apply_adapter(pipe, path)
+    torch.testing.assert_close(_unet_out(pipe.unet, cond), edited)
+    remove_adapter(pipe)
+    assert torch.equal(_unet_out(pipe.unet, cond), ref)
+
+
+def _unet_out(unet, cond):
+    """The UNet's output on fixed latents for the text states ``cond`` (2, T, d)."""
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return unet(x, torch.tensor([10, 500]), encoder_hidden_states=cond).sample

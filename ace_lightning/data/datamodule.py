@@ -352,13 +352,21 @@ class ErasureDataModule(L.LightningDataModule):
             return last_word_states(c.text_encoder, c.tokenizer, prompts)  # (n, d)
 
         others = last_word_tokens([f"a {rng.choice(words)} {rng.choice(words)} {w}" for w in words])
+        fired_any = torch.zeros(len(words), dtype=torch.bool)  # (n_words,): some concept's gate fires on it
         for cd in self.concepts:
             ad = bank[cd.request.concept]
             mine = last_word_tokens([f"a {rng.choice(words)} {rng.choice(words)} {cd.request.concept}"
                                      for _ in range(min(64, len(words)))])
             dev = ad.A.device
-            out[f"gate/false_fire/{slug(cd.request.concept)}"] = float((ad.gate(others.to(dev)) > threshold).float().mean())
+            fired = (ad.gate(others.to(dev)) > threshold).cpu()  # (n_words,)
+            fired_any |= fired
+            out[f"gate/false_fire/{slug(cd.request.concept)}"] = float(fired.float().mean())
             out[f"gate/target_fire/{slug(cd.request.concept)}"] = float((ad.gate(mine.to(dev)) > threshold).float().mean())
+        if len(self.concepts) > 1:  # at scale: the worst gate, and the words that any of the n gates edits
+            false = [v for k, v in out.items() if k.startswith("gate/false_fire/")]
+            target = [v for k, v in out.items() if k.startswith("gate/target_fire/")]
+            out |= {"gate/false_fire_mean": sum(false) / len(false), "gate/false_fire_max": max(false),
+                    "gate/false_fire_any": float(fired_any.float().mean()), "gate/target_fire_min": min(target)}
         return out
 
     def prompt_report(self) -> dict:

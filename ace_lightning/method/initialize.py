@@ -37,6 +37,7 @@ def initialize_bank(bank: AdapterBank, weights: dict[str, torch.Tensor], concept
     P_hat = G.unit_columns(P_gate)  # (d, m'), scored by every concept's gate
     stats = {}
     solved = solve_concepts(stacked, [(cd.C, cd.N) for cd in concepts], factor, cf.s_e, acfg.rank) if cf.enabled else None
+    solve_seconds = time.perf_counter() - t0  # the closed-form edit of every concept; the gates follow
     for i, cd in enumerate(concepts):
         name = cd.request.concept
         if solved is not None:
@@ -80,4 +81,5 @@ def initialize_bank(bank: AdapterBank, weights: dict[str, torch.Tensor], concept
             ad.gamma.requires_grad_(False)
             ad.tau.requires_grad_(False)
     stats["_seconds"] = time.perf_counter() - t0
+    stats["_solve_seconds"] = solve_seconds
     return stats
