@@ -279,12 +279,20 @@ def _save_plot(fig, ax, settings: dict, head: str, path: Path) -> Path:
     from ace_lightning.utils import atomic_save
 
     ax.set_ylabel(f"{head} (%)")
-    ax.set_title(f"{settings['suite']}: erased {', '.join(settings['erased'] or [])}")
+    ax.set_title(f"{settings['suite']}: erased {erased_label(settings['erased'])}")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     atomic_save(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
     return path
+
+
+def erased_label(erased: list[str] | None, show: int = 4) -> str:
+    """The erased classes for a title: all of them, or the first ``show`` and how many in all."""
+    erased = list(erased or [])
+    if len(erased) <= show:
+        return ", ".join(erased)
+    return f"{len(erased)} classes ({', '.join(erased[:show])}, ...)"
 
 
 def headline(settings: dict) -> str:
@@ -308,7 +316,7 @@ def markdown(table: dict, settings: dict, command: str) -> str:
                    key=lambda k: (k != "ASR_pre", k == "ASR_any", k))  # attacks: pre first, any last
     keys = [k for k in keys if any(k in e["metrics"] for e in table.values())]
     cols = keys + ["adapt s", "UNet fwd", "UNet bwd", "peak RSS MiB"]
-    lines = [f"# compare: suite `{settings['suite']}`, erased {settings['erased']}", "", f"`{command}`", "",
+    lines = [f"# compare: suite `{settings['suite']}`, erased {erased_label(settings['erased'], 20)}", "", f"`{command}`", "",
              "| method | " + " | ".join(f"`{c}`" if c in keys else c for c in cols) + " |",
              "|---|" + "---|" * len(cols)]
     for v, e in table.items():

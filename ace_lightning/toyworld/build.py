@@ -45,7 +45,7 @@ class BuildConfig:
     threads: int = 1  # one thread: torch's 2-thread barriers stall badly on a shared 2-core machine
     cast_steps: int = 1200  # cast stage: Adam steps on the 150 new names' token embeddings (see cast_stage.py)
     cast_batch: int = 128
-    cast_lr: float = 5e-3
+    cast_lr: float = 2e-3
     cast_images_per_character: int = 48
 
 

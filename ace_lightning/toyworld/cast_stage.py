@@ -27,7 +27,7 @@ from .world import render
 class CastConfig:
     steps: int = 1200  # Adam steps on the new names' token embeddings
     batch: int = 128  # renders per step
-    lr: float = 5e-3  # Adam peak; warmup 50 steps then cosine to 10 %
+    lr: float = 2e-3  # Adam peak; warmup 50 steps then cosine to 10 %
     images_per_character: int = 48  # pre-rendered (and VAE-encoded) renders per new character
     ckpt_every: int = 100  # checkpoint period (steps)
     seed: int = 0
