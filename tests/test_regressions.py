@@ -262,3 +262,28 @@ def test_mined_neighbours_exclude_known_concepts():
         assert not set(words) & forbidden, (name, found)
         assert all(w.isascii() and w.isalpha() for w in words), found
         assert all(s["z"] >= 3.0 for _, s in found), found  # clearly closer than random vocabulary words
+
+
+# -- found at 10 concepts (issue 13): every gate's fit set was kept, refits or not -------------------------
+@pytest.mark.parametrize("refit_steps", [0, 5])
+def test_gate_fit_sets_are_kept_only_when_gates_are_refitted(tiny_components, refit_steps):
+    """Each concept's fit negatives are the whole preserve set plus its hard negatives (339k tokens on ToyWorld). They
+    were kept for every concept even without ``adv.gate_refit_steps``: 10.6 GB peak RSS at 10 concepts. Kept
+    only for the refits that use them."""
+    from ace_lightning.callbacks.closed_form import ClosedFormInit
+
+    unet = tiny_components.unet
+    bank = inject(unet)
+    d = bank.d
+    P = torch.randn(d, 40, generator=torch.Generator().manual_seed(9))
+    concepts = [_concept("dog", d), _concept("cat", d, seed=1)]
+    for cd in concepts:
+        cd.gate_pos = None
+    dm = SimpleNamespace(setup=lambda stage: None, P_vocab_gate=P, P=P, P_gate=P, concepts=concepts,
+                         hard_negatives=lambda cd, score: torch.randn(d, 5))
+    kept = {}
+    module = SimpleNamespace(bank=bank, unet=unet, device="cpu", adv=SimpleNamespace(gate_refit_steps=refit_steps),
+                             set_gate_vocabulary=lambda t: None, set_gate_fit_sets=kept.update)
+    acfg = SimpleNamespace(**{**ACFG, "gate_fit_steps": 3}, ungated=False)
+    ClosedFormInit(CF, acfg).setup(SimpleNamespace(datamodule=dm), module, "fit")
+    assert set(kept) == ({"dog", "cat"} if refit_steps else set())

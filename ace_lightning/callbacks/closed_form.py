@@ -24,10 +24,13 @@ class ClosedFormInit(L.Callback):
         from ace_lightning.method.adapter import base_weights
 
         weights = base_weights(pl_module.unet, self.acfg.targets)
-        fit_sets: dict = {}
+        # what each gate was fitted on, kept only where the gates are refitted with adversarial positives (each
+        # concept's negatives hold the whole preserve set: 10.6 GB at 10 concepts when they were always kept)
+        fit_sets: dict | None = {} if pl_module.adv.gate_refit_steps else None
         self.stats = initialize_bank(pl_module.bank, weights, dm.concepts, dm.P, self.cf, self.acfg, dm.P_gate,
                                      dm.hard_negatives, fit_sets)
-        pl_module.set_gate_fit_sets(fit_sets)  # what each gate was fitted on: refitted with adversarial positives
+        if fit_sets is not None:
+            pl_module.set_gate_fit_sets(fit_sets)
         from ace_lightning.utils import say
 
         what = "closed form" if self.cf.enabled else "LoRA-style init (closed form off)"
