@@ -81,19 +81,20 @@ def parse_args(argv: list[str]) -> CompareConfig:
 
 
 def _flat(tree, prefix: str = "") -> dict:
-    """Nested dicts as {"a.b.c": leaf}."""
-    if not isinstance(tree, dict):
-        return {prefix: tree}
+    """Nested dicts and lists of dicts as {"a.b.c": leaf, "concepts.0.kind": leaf}; other lists are leaves."""
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree)
     out = {}
-    for k, v in tree.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+    for k, v in items:
+        nested = (isinstance(v, dict) and v) or (isinstance(v, list) and v and all(isinstance(x, dict) for x in v))
+        out.update(_flat(v, f"{prefix}{k}.") if nested else {f"{prefix}{k}": v})
     return out
 
 
 def same_run(old_yaml: str, wanted, defaults) -> bool:
     """Whether a finished run's config (``old_yaml``, its config.yaml) is the run ``wanted`` asks for: every key
     equal, except keys the old config lacks (added to the config since) whose wanted value is their default in
-    ``defaults``, which is what the code did before they existed."""
+    ``defaults``, which is what the code did before they existed. A concept's fields count by position
+    (``concepts.<i>.<field>``), their defaults being the first concept's in ``defaults``."""
     from omegaconf import OmegaConf
 
     old = _flat(OmegaConf.to_container(OmegaConf.create(old_yaml)))
@@ -101,7 +102,14 @@ def same_run(old_yaml: str, wanted, defaults) -> bool:
     base = _flat(OmegaConf.to_container(defaults, resolve=True))
     if set(old) - set(new):
         return False
-    return all(old[k] == v if k in old else (k in base and base[k] == v) for k, v in new.items())
+    def default(k):  # concepts.<i>.<field> -> concepts.0.<field>: every concept has the same fields
+        parts = k.split(".")
+        return base.get(".".join([parts[0], "0", *parts[2:]]) if parts[0] == "concepts" else k, _MISSING)
+
+    return all(old[k] == v if k in old else default(k) == v for k, v in new.items())
+
+
+_MISSING = object()
 
 
 def train_all(cfg: CompareConfig, out: Path) -> dict[str, Path]:

@@ -326,7 +326,7 @@ def load_config(overrides: list[str] | None = None, base: Path | None = None) ->
         if "=" not in o:
             raise ConfigError(f"override {o!r} is not key=value")
     # concept=@<file> (a concept list): "@" is reserved in YAML, so the value is taken as the string it is
-    overrides = [f"concept='{o.split('=', 1)[1]}'" if o.startswith("concept=@") and "'" not in o else o
+    overrides = [f"""concept='{o.split("=", 1)[1].replace("'", "''")}'""" if o.startswith("concept=@") else o
                  for o in overrides or []]
     for o in overrides:
         try:

@@ -181,4 +181,5 @@ def test_attack_limit_spreads_over_prompts_seed_by_seed():
     got = rows_to_attack(rows, 4)
     for v in ("base", "ace"):
         assert [(r.index, r.seed) for r in got if r.variant == v] == [(0, 0), (1, 0), (3, 0), (0, 1)]
+    assert [r.variant for r in got] == ["base"] * 4 + ["ace"] * 4  # one variant after the other: whole batches
     assert len(rows_to_attack(rows, None)) == 18  # no limit: every erased row of every variant

@@ -81,6 +81,11 @@ def test_cast_stage_trains_only_the_new_names_rows(tiny_components, tmp_path):
     with torch.no_grad():
         h1 = c.text_encoder(ids).last_hidden_state
     assert not torch.equal(h1[0], h0[0]) and torch.equal(h1[1], h0[1])
+    # resuming from files made for other settings is refused, not silently mixed
+    with pytest.raises(RuntimeError, match="another cast stage"):
+        train_cast(c.text_encoder, c.unet, c.tokenizer, c.scheduler, c.vae, 1.0, looks, frozen,
+                   CastConfig(steps=3, batch=4, lr=0.5, images_per_character=2, ckpt_every=1), tmp_path,
+                   c.tokenizer.model_max_length)
 
 
 def test_concept_list_file(tmp_path):
@@ -96,10 +101,11 @@ def test_concept_list_file(tmp_path):
     (tmp_path / "empty.txt").write_text("# nothing\n")
     with pytest.raises(ConfigError, match="names no concept"):
         concept_names(f"@{tmp_path / 'empty.txt'}")
-    n100 = load_config(["concept=@benchmarks/suites/lists/toy_cast_100.txt", "kind=person"]) \
-        if Path("benchmarks").is_dir() else None
-    if n100 is not None:
-        assert len(n100.concepts) == 100
+    quoted = tmp_path / "it's.txt"  # a quote in the path survives the override parser
+    quoted.write_text("zorblax\n")
+    assert [c.concept for c in load_config([f"concept=@{quoted}", "kind=person"]).concepts] == ["zorblax"]
+    n100 = load_config([f"concept=@{REPO}/benchmarks/suites/lists/toy_cast_100.txt", "kind=person"])
+    assert len(n100.concepts) == 100
 
 
 def test_long_concept_sets_get_a_short_folder_name():
@@ -121,8 +127,10 @@ def test_n_erased_draws_nested_sets_and_the_shipped_lists_are_those_sets():
         assert sets[big][0][:small] == sets[small][0]
     er, kept = sets[100]
     assert len(er) == 100 and len(kept) == len(names) - 100 >= 50 and not set(er) & set(kept)
-    er, kept = draw_erased(names, 10, 0, n_retained=50)
-    assert kept == sets[10][1][:50]
+    kept = {n: draw_erased(names, n, 0, n_retained=50)[1] for n in (1, 10, 50, 100)}
+    assert all(k == kept[1] == sets[1][1][-50:] for k in kept.values())  # one retained set for the whole curve
+    with pytest.raises(ConfigError, match="repeat"):
+        draw_erased(names + names[:1], 10, 0)
     assert draw_erased(names, 10, 1)[0] != sets[10][0]
     for n in (1, 10, 50, 100):
         lines = [ln for ln in (REPO / f"benchmarks/suites/lists/toy_cast_{n}.txt").read_text().splitlines()
@@ -132,7 +140,7 @@ def test_n_erased_draws_nested_sets_and_the_shipped_lists_are_those_sets():
         with pytest.raises(ConfigError, match="n_erased"):
             draw_erased(names, bad, 0)
     with pytest.raises(ConfigError, match="n_retained"):
-        draw_erased(names, 100, 0, n_retained=55)
+        draw_erased(names, 100, 0, n_retained=len(names) - 99)
 
 
 def test_characters_100_suite_rows_with_n_erased():

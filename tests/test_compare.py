@@ -103,5 +103,12 @@ def test_finished_run_is_reused_across_config_keys_added_since_with_their_defaul
     assert same_run(old_yaml, wanted, defaults)
     assert not same_run(old_yaml, load_config(["concept=circle", "adv.gate_refit_steps=5"]), defaults)
     assert not same_run(old_yaml, load_config(["concept=square"]), defaults)
+    with_field = OmegaConf.to_container(wanted)
+    for c in with_field["concepts"]:
+        del c["kind"]  # a run written before the concepts had a field that now holds its default
+    assert same_run(OmegaConf.to_yaml(OmegaConf.create(with_field)), wanted, defaults)
+    other = OmegaConf.to_container(wanted)
+    other["concepts"][0]["kind"] = "style"  # ... but not when the field now holds something else
+    assert not same_run(OmegaConf.to_yaml(OmegaConf.create(with_field)), OmegaConf.create(other), defaults)
     old["adv"]["retired_key"] = 1  # a key the config no longer has
     assert not same_run(OmegaConf.to_yaml(OmegaConf.create(old)), wanted, defaults)

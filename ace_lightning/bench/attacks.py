@@ -55,7 +55,9 @@ def rows_to_attack(rows: list[PromptRow], limit: int | None) -> list[PromptRow]:
     """The erased-group rows (plain prompts, not the modifier groups) of every variant, seed by seed (every prompt's
     first seed, then every prompt's second, ...); the first ``limit`` of each variant when given, so that a limited
     attack still covers every erased prompt (the same prompts and seeds for every variant)."""
-    erased = sorted((r for r in rows if r.group == "erased" and not r.attack), key=lambda r: r.seed)  # stable
+    order = {v: i for i, v in enumerate(dict.fromkeys(r.variant for r in rows))}  # variants stay contiguous
+    erased = sorted((r for r in rows if r.group == "erased" and not r.attack),
+                    key=lambda r: (order[r.variant], r.seed))  # stable: prompt order within a seed
     out, per = [], {}
     for r in erased:
         if limit is not None and per.get(r.variant, 0) >= limit:

@@ -63,6 +63,13 @@ def plan_run(cfg: BenchConfig, suite) -> Plan:
 
         erased, kept = draw_erased(suite.classes.names, cfg.n_erased, cfg.erased_seed, cfg.n_retained)
         classes = erased + kept if cfg.n_retained is not None else None
+        trained = {c for a in variants.values() if a for c in adapter_concepts(a) if c in suite.classes.names}
+        if trained and trained != set(erased):
+            from ace_lightning.utils import say
+
+            say(f"warning: n_erased={cfg.n_erased} (erased_seed={cfg.erased_seed}) draws {len(erased)} classes, but "
+                f"the adapters erase {len(trained)} of the suite's, {len(trained & set(erased))} of them drawn: the "
+                "erased group is not what they were trained on")
     elif cfg.n_retained is not None:
         raise ConfigError("n_retained= goes with n_erased=")
     if erased is None and suite.classes is not None:

@@ -81,14 +81,17 @@ class Selection:
 
 def draw_erased(names: list[str], n: int, seed: int = 0, n_retained: int | None = None) -> tuple[list[str], list[str]]:
     """``n_erased=n``: (erased, retained) = the first ``n`` of ``names`` in the random order fixed by ``seed`` and
-    the rest, or only the next ``n_retained`` of that order. Nested: a smaller n's erased set is a prefix of a larger
-    one's. ConfigError unless at least one class stays retained."""
+    the rest, or only the last ``n_retained`` of that order. Nested: a smaller n's erased set is a prefix of a
+    larger one's, and the ``n_retained`` retained classes are the same for every n (a curve over n measures them on
+    the same classes). ConfigError unless at least one class stays retained."""
+    if len(set(names)) != len(names):
+        raise ConfigError(f"class names repeat: {sorted({x for x in names if names.count(x) > 1})}")
     if not 1 <= n < len(names):
         raise ConfigError(f"n_erased={n}: the suite has {len(names)} classes; give 1 <= n_erased < {len(names)}")
     if n_retained is not None and not 1 <= n_retained <= len(names) - n:
         raise ConfigError(f"n_retained={n_retained}: {len(names) - n} classes are left after n_erased={n}")
     order = random.Random(seed).sample(list(names), len(names))
-    return order[:n], order[n:] if n_retained is None else order[n : n + n_retained]
+    return order[:n], order[n:] if n_retained is None else order[len(names) - n_retained :]
 
 
 # ---- prompt sources --------------------------------------------------------------------------------

@@ -352,6 +352,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--continue-from", default=None, metavar="ASSETS",
                     help="run only the cast stage on the model already built in ASSETS (e.g. the shipped one) and "
                          "write its text encoder and card back there")
+    ap.add_argument("--force", action="store_true", help="with --continue-from: even if ASSETS already has the cast")
     for f, v in asdict(BuildConfig()).items():
         ap.add_argument(f"--{f.replace('_', '-')}", type=type(v), default=None)
     args = ap.parse_args(argv)
@@ -400,7 +401,7 @@ def main(argv: list[str] | None = None) -> dict:
         timings_path.write_text(json.dumps(timings, indent=2))
     ts = time.time()
     cast_info = cast_stage(text_encoder, unet, sched, vae, latents[2], cfg, work)
-    timings["cast"] = round(time.time() - ts, 1)
+    timings["cast"] = round(timings.get("cast", 0.0) + time.time() - ts, 1)  # summed over resumed runs
     timings_path.write_text(json.dumps(timings, indent=2))
 
     from .classifier import save_classifier
@@ -436,14 +437,15 @@ def main(argv: list[str] | None = None) -> dict:
     return card
 
 
-def cast_stage(text_encoder, unet, sched, vae, scale: float, cfg: BuildConfig, work: Path) -> dict:
+def cast_stage(text_encoder, unet, sched, vae, scale: float, cfg: BuildConfig, work: Path,
+               tokenizer_dir: Path | None = None) -> dict:
     """The cast stage (see cast_stage.py) on a built model, in place; resumable through ``work``."""
     from transformers import CLIPTokenizer
 
     from .cast import base_pieces, cast
     from .cast_stage import CastConfig, train_cast
 
-    tokenizer = CLIPTokenizer.from_pretrained(work / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir or work / "tokenizer")
     new = {k: v for k, v in cast().items() if k not in CHARACTERS}
     ccfg = CastConfig(steps=cfg.cast_steps, batch=cfg.cast_batch, lr=cfg.cast_lr,
                       images_per_character=cfg.cast_images_per_character, ckpt_every=cfg.ckpt_every, seed=cfg.seed)
@@ -455,16 +457,16 @@ def continue_with_cast(assets: Path, cfg: BuildConfig, work: Path, args, argv) -
     """``--continue-from``: the cast stage on the model in ``assets``; its text encoder and card are rewritten."""
     from ace_lightning.models.loading import load_components
 
-    from .tokenizer import write_clip_tokenizer
-
     t0 = time.time()
-    write_clip_tokenizer(work / "tokenizer", C.CONTEXT_LENGTH)
-    comp = load_components(assets / PIPELINE_DIR.name)
-    info = cast_stage(comp.text_encoder, comp.unet, comp.scheduler, comp.vae, float(comp.vae.config.scaling_factor),
-                      cfg, work)
-    _fp16_with_fp32_config(comp.text_encoder, assets / PIPELINE_DIR.name / "text_encoder", transformers_model=True)
     card_path = assets / CARD_PATH.name
     card = json.loads(card_path.read_text())
+    if card.get("build", {}).get("cast") and not args.force:
+        raise SystemExit(f"{assets} already went through the cast stage ({card_path}: build.cast); training its names "
+                         "again would start from the trained rows. Pass --force to do it anyway.")
+    comp = load_components(assets / PIPELINE_DIR.name)
+    info = cast_stage(comp.text_encoder, comp.unet, comp.scheduler, comp.vae, float(comp.vae.config.scaling_factor),
+                      cfg, work, tokenizer_dir=assets / PIPELINE_DIR.name / "tokenizer")
+    _fp16_with_fp32_config(comp.text_encoder, assets / PIPELINE_DIR.name / "text_encoder", transformers_model=True)
     command = " ".join(["python -m ace_lightning.toyworld.build", *(argv or sys.argv[1:])])
     card["build"]["cast"] = {**info, "command": command}
     card["build"].setdefault("stage_seconds", {})["cast"] = round(time.time() - t0, 1)

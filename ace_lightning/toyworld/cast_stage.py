@@ -2,16 +2,19 @@
 
 Only the token embeddings of the new names' BPE pieces train (textual inversion of names, with the shipped UNet
 and text-encoder layers frozen), by the diffusion loss on renders of each character's look captioned with its name.
-No piece of a new name occurs in the base build's captions (:func:`.cast.base_pieces`), so every other prompt's
-text embedding, and with it everything the model drew before, stays bit for bit what it was: every number
-measured on the base model still holds.
+No piece of a new name occurs in the base build's captions (:func:`.cast.base_pieces`), so every prompt made of
+the base build's words keeps its text embedding, and with it everything the model drew before, bit for bit: every
+number measured on the base model still holds. (A piece such as ``il</w>`` may also end an English word that
+ToyWorld never learned; such a prompt's embedding does change, and it meant nothing to the model before either.)
 
-Resumable: the trained rows, the optimiser and the random streams are checkpointed under the work dir.
+Resumable: the trained rows, the optimiser and the random streams are checkpointed under the work dir, each file
+with what it was made for (names, looks, rows, settings, the frozen model's hashes); a mismatch is an error.
 """
 from __future__ import annotations
 
+import hashlib
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +34,14 @@ class CastConfig:
     images_per_character: int = 48  # pre-rendered (and VAE-encoded) renders per new character
     ckpt_every: int = 100  # checkpoint period (steps)
     seed: int = 0
+
+
+def _same(saved: dict, now: dict, path: Path, keys: tuple[str, ...]) -> None:
+    """RuntimeError unless the ``keys`` of a resumed file's identity match this run's."""
+    bad = [k for k in keys if saved.get(k) != now[k]]
+    if bad:
+        raise RuntimeError(f"{path} was made for another cast stage ({', '.join(bad)} differ): use another "
+                           "--work-dir or delete it")
 
 
 def trainable_rows(tokenizer, names: list[str], frozen: set[str]) -> torch.Tensor:
@@ -76,22 +87,34 @@ def train_cast(text_encoder, unet, tokenizer, sched, vae, scale: float, looks: d
     emb = text_encoder.get_input_embeddings().weight  # (V, D)
     key = next(k for k, v in text_encoder.named_parameters() if v is emb)
     before = emb.detach().clone()
+    # what a resumed run must share with the files it resumes from: the names, their looks, the trained rows, the
+    # settings and the frozen model (a hash of the UNet's weights and of the embedding rows that do not train)
+    from ace_lightning.models.loading import model_fingerprint
+
+    frozen_rows = torch.ones(len(emb), dtype=torch.bool)
+    frozen_rows[rows] = False
+    identity = {"looks": looks, "rows": rows.tolist(), "config": asdict(cfg), "unet": model_fingerprint(unet),
+                "frozen_rows": hashlib.sha256(emb.detach()[frozen_rows].float().numpy().tobytes()).hexdigest()[:16]}
     data_path = work / "cast_data.pt"
     if data_path.is_file():
-        mean, std, who = torch.load(data_path, weights_only=False)
+        mean, std, who, made_for = torch.load(data_path, weights_only=False)
+        _same(made_for, identity, data_path, ("looks", "unet"))
     else:
         images, who = render_cast(looks, cfg.images_per_character, cfg.seed)
         mean, std = encode(vae, images)
-        torch.save((mean, std, who), data_path)
+        torch.save((mean, std, who, identity), data_path)
     who = torch.tensor(who)
     table = emb.detach()[rows].clone().requires_grad_(True)  # (K, D): the only trained tensor
     opt = torch.optim.Adam([table], lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     start, elapsed, ckpt = 0, 0.0, work / "cast_ckpt.pt"
+    losses: list[float] = []
     if ckpt.is_file():
         state = torch.load(ckpt, weights_only=False)
+        _same(state["identity"], identity, ckpt, tuple(identity))
         table.data.copy_(state["table"])
+        losses = state["losses"]
         opt.load_state_dict(state["opt"])
         gen.set_state(state["gen"])
         rng.bit_generator.state = state["rng"]
@@ -103,7 +126,6 @@ def train_cast(text_encoder, unet, tokenizer, sched, vae, scale: float, looks: d
     unet.eval()
     alphas = sched.alphas_cumprod  # (1000,)
     t_start = time.time() - elapsed
-    losses = []
     for step in (bar := tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="cast")):
         for g in opt.param_groups:
             g["lr"] = cfg.lr * cosine_lr(step, cfg.steps, warmup=50)
@@ -122,7 +144,8 @@ def train_cast(text_encoder, unet, tokenizer, sched, vae, scale: float, looks: d
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
             torch.save({"table": table.detach(), "opt": opt.state_dict(), "gen": gen.get_state(),
-                        "rng": rng.bit_generator.state, "step": step + 1, "elapsed": time.time() - t_start}, ckpt)
+                        "rng": rng.bit_generator.state, "step": step + 1, "elapsed": time.time() - t_start,
+                        "losses": losses[-50:], "identity": identity}, ckpt)
     with torch.no_grad():
         emb[rows] = table.detach()
     changed = (emb != before).any(-1).nonzero().flatten()
