@@ -112,3 +112,24 @@ def test_finished_run_is_reused_across_config_keys_added_since_with_their_defaul
     assert not same_run(OmegaConf.to_yaml(OmegaConf.create(with_field)), OmegaConf.create(other), defaults)
     old["adv"]["retired_key"] = 1  # a key the config no longer has
     assert not same_run(OmegaConf.to_yaml(OmegaConf.create(old)), wanted, defaults)
+
+
+def test_scale_curve_reads_points_from_compare_runs(tmp_path):
+    """benchmarks/scale_curve.py: one point per method and run, x = the run's number of erased classes."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "scale_curve", Path(__file__).resolve().parents[1] / "benchmarks" / "scale_curve.py")
+    sc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sc)
+    paths = []
+    for n, h in ((10, 85.0), (1, 95.0)):
+        row = {"metrics": {"H_c": h}, "ci": {"H_c": [h - 5, h + 2]}, "cost": {"cost/adapt_seconds": 10.0 * n}}
+        p = tmp_path / f"c{n}.json"
+        p.write_text(json.dumps({"headline": "H_c", "settings": {"erased": [f"x{i}" for i in range(n)]},
+                                 "table": {"base": row, "ace": row}}))
+        paths.append(p)
+    curves = sc.points(paths)
+    assert list(curves) == ["ace"] and curves["ace"] == [(1, 95.0, 90.0, 97.0, 10.0), (10, 85.0, 80.0, 87.0, 100.0)]
+    assert sc.plot(curves, "H_c", tmp_path / "curve.png").stat().st_size > 0
