@@ -66,9 +66,9 @@ def test_generic_recipe_erases_shapes_keeps_the_others(tmp_path, toyworld_cache,
         assert sa[f"retained_min/{g}"] >= RETAINED_MIN, (g, after)
     for n in names:
         assert metrics[f"gate/false_fire/{n}"] <= 0.02 and metrics[f"gate/target_fire/{n}"] >= 0.8, metrics
-    if len(names) > 1:  # the summary over the n gates: any-gate false fire bounds each gate's and is small
+    if len(names) > 1:  # the summary over the n gates: any-gate false fire bounds each gate's and stays small
         worst = max(metrics[f"gate/false_fire/{n}"] for n in names)
-        assert metrics["gate/false_fire_max"] == worst <= metrics["gate/false_fire_any"] <= 0.05, metrics
+        assert metrics["gate/false_fire_max"] == worst <= metrics["gate/false_fire_any"] <= 0.02 * len(names), metrics
         assert metrics["gate/target_fire_min"] == min(metrics[f"gate/target_fire/{n}"] for n in names)
 
 
