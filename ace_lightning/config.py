@@ -218,11 +218,10 @@ def concept_names(spec: str) -> list[str]:
         if not item.startswith("@"):
             out.append(item)
             continue
+        from ace_lightning.utils import read_name_list
+
         path = Path(item[1:])
-        if not path.is_file():
-            raise ConfigError(f"concept list {path} (from {item!r}) not found")
-        names = [ln.split("#", 1)[0].strip() for ln in path.read_text().splitlines()]
-        names = [n for n in names if n]
+        names = read_name_list(path)  # ConfigError naming the file when it is missing
         if not names:
             raise ConfigError(f"concept list {path} names no concept")
         out += names

@@ -45,6 +45,17 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def read_name_list(path: str | os.PathLike) -> list[str]:
+    """The names in a list file: one a line, blank lines and ``#`` comments skipped (ConfigError if missing)."""
+    from ace_lightning.registry import ConfigError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"name list file {path} not found")
+    lines = [ln.split("#", 1)[0].strip() for ln in path.read_text().splitlines()]
+    return [ln for ln in lines if ln]
+
+
 def check_writable(path: str | os.PathLike, what: str) -> None:
     """Create ``path`` and write a probe file in it, or raise a ConfigError naming the setting ``what``."""
     from ace_lightning.registry import ConfigError

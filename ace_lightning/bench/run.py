@@ -56,6 +56,10 @@ def plan_run(cfg: BenchConfig, suite) -> Plan:
     if not variants:
         raise ConfigError("nothing to run: base=false and no adapter=")
     erased, classes = csv_list(cfg.erased), csv_list(cfg.classes)
+
+    def in_suite() -> list[str]:  # the adapters' concepts that are classes of the suite (reads their metadata)
+        return [c for a in variants.values() if a for c in adapter_concepts(a) if c in suite.classes.names]
+
     if cfg.n_erased is not None:
         if erased is not None or classes is not None or suite.classes is None:
             raise ConfigError("n_erased= needs a suite with classes, and no erased= or classes=")
@@ -63,7 +67,7 @@ def plan_run(cfg: BenchConfig, suite) -> Plan:
 
         erased, kept = draw_erased(suite.classes.names, cfg.n_erased, cfg.erased_seed, cfg.n_retained)
         classes = erased + kept if cfg.n_retained is not None else None
-        trained = {c for a in variants.values() if a for c in adapter_concepts(a) if c in suite.classes.names}
+        trained = set(in_suite())
         if trained and trained != set(erased):
             from ace_lightning.utils import say
 
@@ -73,8 +77,7 @@ def plan_run(cfg: BenchConfig, suite) -> Plan:
     elif cfg.n_retained is not None:
         raise ConfigError("n_retained= goes with n_erased=")
     if erased is None and suite.classes is not None:
-        found = [c for a in variants.values() if a for c in adapter_concepts(a) if c in suite.classes.names]
-        erased = list(dict.fromkeys(found)) or None
+        erased = list(dict.fromkeys(in_suite())) or None
     overrides = {k: getattr(cfg, k) for k in ("steps", "guidance", "scheduler") if getattr(cfg, k) is not None}
     sel = Selection(erased=suite.prompts.resolve_erased(erased), classes=classes, templates=cfg.templates,
                     limit=cfg.limit, csv=cfg.csv, seed=suite.seed if cfg.seed is None else cfg.seed,

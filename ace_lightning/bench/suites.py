@@ -19,6 +19,7 @@ import yaml
 from ace_lightning.bench.metrics import GROUPS
 from ace_lightning.bench.scorers import ClassInfo
 from ace_lightning.registry import ConfigError, build, register
+from ace_lightning.utils import read_name_list
 
 SUITES_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "suites"
 
@@ -95,13 +96,6 @@ def draw_erased(names: list[str], n: int, seed: int = 0, n_retained: int | None 
 
 
 # ---- prompt sources --------------------------------------------------------------------------------
-def _read_list(path: Path) -> list[str]:
-    if not path.is_file():
-        raise ConfigError(f"name list file {path} not found")
-    lines = [ln.split("#", 1)[0].strip() for ln in path.read_text().splitlines()]
-    return [ln for ln in lines if ln]
-
-
 @register("prompt_source", "classes")
 class ClassPrompts:
     """Prompts ``template.format(name)`` for every class, its synonyms and every template.
@@ -130,8 +124,8 @@ class ClassPrompts:
             raise ConfigError("prompts: give exactly one of classes, class_source, erased_file(+retained_file)")
         if erased_file is not None:
             base = Path(base_dir)
-            er = _read_list(base / erased_file)
-            re_ = _read_list(base / retained_file) if retained_file else []
+            er = read_name_list(base / erased_file)
+            re_ = read_name_list(base / retained_file) if retained_file else []
             dup = sorted(set(er) & set(re_))
             if dup:
                 raise ConfigError(f"names in both the erased and the retained list: {dup}")

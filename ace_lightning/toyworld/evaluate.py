@@ -3,8 +3,8 @@
 `python -m ace_lightning.toyworld.evaluate [--assets DIR] [--n 96]` generates from the shipped pipeline
 with the default sampler settings, scores the images with the shipped classifier and fills in
 shape/colour/style accuracy on attribute prompts, shape accuracy on synonym and held-out prompts,
-character accuracy (all three attributes right) over the whole cast and over the original four, the cast's looks
-described in words, the classifier's and the toy CLIP's accuracy on renders,
+character accuracy (all three attributes right; on the cast model of docs/SCALE.md also over the whole cast and
+the cast's looks described in words), the classifier's and the toy CLIP's accuracy on renders,
 and the generation speed.
 """
 from __future__ import annotations
@@ -125,10 +125,17 @@ def evaluate(assets: str | Path = ASSETS_DIR, n_per_figure: int = 96, sampler: d
     q["synonym_shape_acc"] = _acc(score([a for a, _ in syn])["shape"], [s for _, s in syn], L["shape"])
     held = heldout_prompts(n_per_figure)
     q["heldout_shape_acc"] = _acc(score([a for a, _ in held])["shape"], [s for _, s in held], L["shape"])
+    card_path = assets / CARD_PATH.name
+    card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+    has_cast = bool(card.get("build", {}).get("cast"))  # the cast model (docs/SCALE.md); the shipped one knows 4
     chars = character_prompts(n_per_figure)  # the original four
-    q["character_acc_first4"] = float(look_acc(pipe, clf, [a for a, _ in chars], [lk for _, lk in chars], EVAL_SEED,
-                                               steps, cfg).float().mean())
-    q.update(cast_quality(pipe, clf, 4 if n_per_figure >= 96 else 1, steps, cfg))  # >= 4 a character for the card
+    first4 = float(look_acc(pipe, clf, [a for a, _ in chars], [lk for _, lk in chars], EVAL_SEED, steps, cfg)
+                   .float().mean())
+    if has_cast:  # >= 4 images a character for the card
+        q.update({"character_acc_first4": first4, **cast_quality(pipe, clf, 4 if n_per_figure >= 96 else 1, steps,
+                                                                  cfg)})
+    else:
+        q["character_acc"] = first4
 
     # speed: 64 images at the default settings, in the default batch of 32
     t0 = time.time()
@@ -136,14 +143,13 @@ def evaluate(assets: str | Path = ASSETS_DIR, n_per_figure: int = 96, sampler: d
     q["images_per_second"] = round(64 / (time.time() - t0), 2)
     q = {k: round(v, 4) for k, v in q.items()}
 
-    card_path = assets / CARD_PATH.name
-    card = json.loads(card_path.read_text()) if card_path.is_file() else {}
     card["quality"] = {**q, "sampler": sampler, "images_per_figure": n_per_figure,
                        "threads": torch.get_num_threads()}
     card["targets"] = {"shape_acc": 0.95, "color_acc": 0.85, "style_acc": 0.85, "synonym_shape_acc": 0.90,
-                       "heldout_shape_acc": 0.90, "character_acc": 0.90, "character_acc_first4": 0.75,
-                       "described_look_acc": 0.90, "classifier_acc": 0.98,
+                       "heldout_shape_acc": 0.90, "character_acc": 0.75, "classifier_acc": 0.98,
                        "clip_zero_shot_shape_acc": 0.90}
+    if has_cast:
+        card["targets"] |= {"character_acc": 0.90, "character_acc_first4": 0.75, "described_look_acc": 0.90}
     card_path.write_text(json.dumps(card, indent=2))
     return card["quality"]
 
