@@ -14,7 +14,7 @@ DEVICES ?= 1
 OUT     ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-slow lint clean toyworld toyworld-eval bench compare bench-closed-form sweep
+.PHONY: help install train test test-slow lint clean toyworld toyworld-eval bench compare bench-closed-form bench-gpu bench-full-size sweep
 
 help: ## list every target
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
@@ -61,6 +61,12 @@ sweep: $(STAMP) ## hyperparameter sweep on a bench objective: SWEEP=experiments/
 
 bench-closed-form: $(STAMP) ## time the closed-form stage for 1, 10, 100 concepts at SD-1.4 sizes
 	$(PY) benchmarks/closed_form_speed.py $(ARGS)
+
+bench-gpu: $(STAMP) ## ACE seconds per concept, peak CUDA memory, step time at SD-1.4 and SDXL size on one CUDA GPU (random weights) [ARGS="--models sd14 --tiny ..."]
+	$(PY) benchmarks/bench_gpu.py $(ARGS)
+
+bench-full-size: $(STAMP) ## CPU cost of one ACE step and of the closed form at SD-1.4 / SDXL size: ARGS="step ..." or ARGS="closed-form ..."
+	$(PY) benchmarks/full_size_cost.py $(or $(ARGS),step)
 
 clean: ## remove outputs, caches and the venv
 	rm -rf .venv outputs wandb .pytest_cache .ruff_cache lightning_logs *.egg-info

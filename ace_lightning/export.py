@@ -52,7 +52,15 @@ def save_adapter(path, bank: AdapterBank, requests, base_model: str, fingerprint
     return _write(path, bank.state_dict(), meta)
 
 
-DELTA_PARTS = ("unet", "text_encoder")  # the pipeline components a dense delta may touch
+def _text_encoder_of(pipe):
+    from ace_lightning.models.loading import text_encoder_of
+
+    return text_encoder_of(pipe)
+
+
+# the pipeline parts a dense delta may touch, and how to reach each in a stock pipeline: the UNet, or the text
+# encoder as the package sees it (SDXL: both encoders as one, so names read ``text_encoder_2.<...>`` there)
+DELTA_PARTS = {"unet": lambda pipe: pipe.unet, "text_encoder": _text_encoder_of}
 
 
 def save_deltas(path, deltas: dict[str, torch.Tensor], requests, base_model: str, fingerprint: str, targets,
@@ -61,7 +69,7 @@ def save_deltas(path, deltas: dict[str, torch.Tensor], requests, base_model: str
     text_encoder) as safetensors: only the changed weights, never a whole model."""
     bad = [k for k in deltas if k.split(".", 1)[0] not in DELTA_PARTS]
     if bad:
-        raise ValueError(f"delta names must start with one of {DELTA_PARTS}: {bad[:3]}")
+        raise ValueError(f"delta names must start with one of {tuple(DELTA_PARTS)}: {bad[:3]}")
     return _write(path, deltas, adapter_metadata(requests, base_model, fingerprint, targets, config_yaml, unet, method,
                                                   "delta"))
 
@@ -186,9 +194,9 @@ def _apply_deltas(pipe, path, tensors: dict[str, torch.Tensor]) -> None:
         for name, delta in tensors.items():
             part, pname = name.split(".", 1)
             if part not in DELTA_PARTS:
-                raise AdapterError(f"adapter {path}: delta {name!r} names no pipeline part {DELTA_PARTS}")
+                raise AdapterError(f"adapter {path}: delta {name!r} names no pipeline part {tuple(DELTA_PARTS)}")
             try:
-                p = getattr(pipe, part).get_parameter(pname)
+                p = DELTA_PARTS[part](pipe).get_parameter(pname)
             except AttributeError as e:
                 raise AdapterError(f"adapter {path} does not match this pipeline: no weight {name!r}") from e
             if p.shape != delta.shape:
@@ -206,7 +214,7 @@ def _restore(pipe, backup: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, original in backup.items():
             part, pname = name.split(".", 1)
-            getattr(pipe, part).get_parameter(pname).copy_(original)
+            DELTA_PARTS[part](pipe).get_parameter(pname).copy_(original)
 
 
 def remove_adapter(pipe):

@@ -24,6 +24,7 @@ PROVIDERS: dict[str, list[str]] = {
     "placeholder_position": ["ace_lightning.method.attack"],
     "gate_directions": ["ace_lightning.method.gate"],
     "sampler": ["ace_lightning.models.sampling"],
+    "model_family": ["ace_lightning.models.loading"],  # diffusers pipeline classes the package loads
     "scorer": ["ace_lightning.bench.scorers", "ace_lightning.toyworld.bench_plugin"],
     "bench_metric": ["ace_lightning.bench.metrics"],
     "class_source": ["ace_lightning.bench.suites", "ace_lightning.toyworld.bench_plugin"],

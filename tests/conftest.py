@@ -56,6 +56,61 @@ def build_tiny_model(path, seed: int = 0, max_len: int = 16, v2: bool = False):
     return path
 
 
+def build_tiny_sdxl(path, seed: int = 0, max_len: int = 16):
+    """A tiny SDXL-layout model saved at ``path``: two CLIP text encoders (the second with a projection; its
+    tokenizer pads with "!"), a UNet with the ``text_time`` added embedding whose cross-attention width is the
+    two encoders' widths together, a VAE and an Euler sampler (SDXL's)."""
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from ace_lightning.toyworld.tokenizer import write_clip_tokenizer
+
+    torch.manual_seed(seed)
+    tok_dir = write_clip_tokenizer(path / "_tok", model_max_length=max_len)
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    tokenizer_2 = CLIPTokenizer.from_pretrained(tok_dir, pad_token="!")
+
+    def text_config(width, layers):
+        return CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+            num_attention_heads=4, max_position_embeddings=max_len, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, projection_dim=24,
+            hidden_act="gelu",
+        )
+
+    text_encoder = CLIPTextModel(text_config(32, 3))
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(48, 3))
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32 + 48, attention_head_dim=(2, 4), norm_num_groups=8, use_linear_projection=True,
+        transformer_layers_per_block=(1, 2), addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=24 + 6 * 8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(8, 16, 16), latent_channels=4, norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, sample_size=32,
+    )
+    sched = EulerDiscreteScheduler(
+        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+        steps_offset=1, timestep_spacing="leading", prediction_type="epsilon",
+    )
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=sched)
+    pipe.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl"))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("tiny_sd"))

@@ -270,3 +270,18 @@ def test_attacks_ddp_two_processes_equal_one(tiny_suite, tiny_model_dir, tmp_pat
     assert len(attacked) == 4
     assert _pngs(out, "star_edit") == _pngs(single, "star_edit")  # attacked images included, byte for byte
     assert (out / "attack_rows.rank0.jsonl").is_file() and (out / "attack_rows.rank1.jsonl").is_file()
+
+
+def test_sdxl_bench_with_adapter_and_every_attack(tiny_suite, tiny_sdxl_dir, tmp_path):
+    """`make bench` on an SDXL layout (issue 14): an adapter variant next to the base, every attack through the
+    packed SDXL conditioning, ASR reported, the variant's images differ from the base's."""
+    adapter = tmp_path / "star_edit.safetensors"
+    _make_adapter(tiny_sdxl_dir, adapter, "star", 1)
+    out = tmp_path / "xl"
+    _run(tiny_suite, tiny_sdxl_dir, out, f"adapter={adapter}", *ATTACK_ARGS)
+    res = json.loads((out / "metrics.json").read_text())["results"]
+    assert set(res) == {"base", "star_edit"}
+    assert {f"bench/ASR_{a}" for a in ("pre", "soft_prompt", "discrete", "textual_inversion", "prompt_search")} <= set(
+        res["star_edit"])
+    base, edit = _pngs(out, "base"), _pngs(out, "star_edit")
+    assert base.keys() <= edit.keys() and any(base[k] != edit[k] for k in base)

@@ -23,9 +23,14 @@ def tiny_cfg(model_dir, out, *extra):
 def tiny_args(model_dir, out, *extra) -> list[str]:
     """Command-line overrides of a quick run on the tiny model."""
     # one latent/neighbour cache for the session: it is keyed by model fingerprint, prompt, seed and sampler
-    import tempfile
+    if "dir" not in CACHE:  # made once (a setdefault would make, and leave behind, a new directory every call)
+        import atexit
+        import shutil
+        import tempfile
 
-    cache = CACHE.setdefault("dir", tempfile.mkdtemp(prefix="ace_cache_"))
+        CACHE["dir"] = tempfile.mkdtemp(prefix="ace_cache_")
+        atexit.register(shutil.rmtree, CACHE["dir"], True)
+    cache = CACHE["dir"]
     return [
         DOG, f"model.path={model_dir}", f"output_dir={out}", "logger.wandb=false", "grid.enabled=false",
         "trainer.enable_progress_bar=false", "data.latents_per_concept=4", "data.latents_preserve=4",

@@ -57,7 +57,10 @@ class AttackContext:
 
     @property
     def text_encoder(self):
-        return self.pipe.text_encoder
+        """The text encoder as the package sees it (SDXL: both encoders as one, see ``models.conditioning``)."""
+        from ace_lightning.models.loading import text_encoder_of
+
+        return text_encoder_of(self.pipe)
 
     @property
     def unet(self):

@@ -12,6 +12,7 @@ import torch
 from ace_lightning.attacks import AttackContext, Candidate, noisy_latents, row_generator
 from ace_lightning.method.attack import insert_placeholders
 from ace_lightning.method.text import encode_ids, phrase_ids, soft_tokens, tokenize
+from ace_lightning.models.conditioning import unet_eps
 from ace_lightning.registry import register
 
 _WORD = re.compile(r"^[a-z]{2,}$")
@@ -88,7 +89,7 @@ class DiscreteAttack:
                     emb = (hard + soft - soft.detach()) @ E  # (b, n, d): forward = the chosen words
                     with soft_tokens(te, pos[idx], emb):
                         c = encode_ids(te, ids_adv[idx])
-                    pred = unet(x_t, t, encoder_hidden_states=c).sample.float()
+                    pred = unet_eps(unet, x_t, t, c).float()
                     per_row = (pred - noise.float()).pow(2).flatten(1).mean(1)  # (b,)
                     (g,) = torch.autograd.grad(per_row.sum(), [logits])
                     logits.grad = g

@@ -8,6 +8,7 @@ import torch
 from ace_lightning.attacks import AttackContext, Candidate, concept_spans, noisy_latents, row_generator
 from ace_lightning.method.attack import insert_placeholders, optimise_soft_tokens, phrase_init
 from ace_lightning.method.text import encode_ids, tokenize
+from ace_lightning.models.conditioning import unet_eps
 from ace_lightning.registry import lookup, register
 
 
@@ -40,7 +41,7 @@ class SoftPromptAttack:
             steps = noisy_latents(ctx, rows, x0, self.steps, restart, "soft_prompt")
             with ctx.base(), torch.no_grad():  # the base model's predictions for the plain prompt: the target
                 c_base = encode_ids(te, ids)
-                targets = [unet(x_t, t, encoder_hidden_states=c_base).sample.float() for x_t, t, _ in steps]
+                targets = [unet_eps(unet, x_t, t, c_base).float() for x_t, t, _ in steps]
             init = phrase_init(te, ids, span, self.n_tokens)  # (B, n, d)
             if restart:
                 noise = torch.stack([torch.randn(init.shape[1:], generator=row_generator(ctx.seed, "sp-init", r.index,

@@ -186,11 +186,13 @@ class ErasureDataModule(L.LightningDataModule):
         self.preserve_emb, ids = encode_prompts(c.text_encoder, tok, self.preserve_prompts)  # (m, T, d)
         self.preserve_ids = ids  # (m, T): for methods that re-encode preserve prompts with a trained text encoder
         nonpad = token_mask(ids, tok.eos_token_id)  # (m, T)
+        pres_tok = self.preserve_emb[:, : ids.shape[1]]  # (m, T, d): the token rows (SDXL packs one more)
         # vocabulary words in neutral and modifier contexts, encoded by the model's own text encoder: token-level
         # preserve equations for the closed form and negatives for the gate (no latents needed)
         t0 = time.perf_counter()
         if self.vocab:
             v_emb, v_ids = encode_prompts(c.text_encoder, tok, vocabulary_prompts(self.vocab, self.seed))  # (n, T, d)
+            v_emb = v_emb[:, : v_ids.shape[1]]
             v_nonpad = token_mask(v_ids, tok.eos_token_id)  # (n, T)
             self.P_vocab = v_emb[v_nonpad].T.contiguous()  # (d, n_v)
             n_w = len(self.vocab)  # the first n_w vocabulary prompts are "a {w}": each word's last token there
@@ -202,7 +204,7 @@ class ErasureDataModule(L.LightningDataModule):
         else:
             self.P_vocab = self.P_vocab_gate = torch.zeros(self.preserve_emb.shape[-1], 0)
             self.word_tokens = torch.zeros(0, self.preserve_emb.shape[-1])
-        self.P = torch.cat([self.preserve_emb[nonpad].T, self.P_vocab], 1).contiguous()  # (d, tokens): spec's P
+        self.P = torch.cat([pres_tok[nonpad].T, self.P_vocab], 1).contiguous()  # (d, tokens): spec's P
         # the gate must stay shut on every token the UNet attends to, padding included (padding EOS tokens
         # carry the prompt's content through the causal encoder): measured to fire on all pads otherwise
         masks = {"nonpad": nonpad, "all": torch.ones_like(nonpad)}
@@ -210,7 +212,7 @@ class ErasureDataModule(L.LightningDataModule):
             raise ConfigError(f"data.gate_preserve_tokens must be one of {sorted(masks)}, got {cfg.gate_preserve_tokens!r}")
         self.preserve_mask = masks[cfg.gate_preserve_tokens]
         self.P_ctx = self._context_negatives()  # (d, n_ctx)
-        self.P_gate = torch.cat([self.preserve_emb[self.preserve_mask].T, self.P_vocab_gate, self.P_ctx], 1).contiguous()
+        self.P_gate = torch.cat([pres_tok[self.preserve_mask].T, self.P_vocab_gate, self.P_ctx], 1).contiguous()
         say(f"preservation: {len(self.vocab)} vocabulary words and {len(self.preserve_prompts)} preserve prompts "
             f"encoded, {self.P.shape[1]} tokens ({time.perf_counter() - t0:.1f} s)")
 
@@ -257,7 +259,7 @@ class ErasureDataModule(L.LightningDataModule):
         """(d, n) :func:`gate_columns` of ``prompts`` encoded by the frozen text encoder."""
         c = self.components
         emb, ids = encode_prompts(c.text_encoder, c.tokenizer, prompts)  # (n, T, d)
-        return gate_columns(emb, token_mask(ids, c.tokenizer.eos_token_id), seed)
+        return gate_columns(emb[:, : ids.shape[1]], token_mask(ids, c.tokenizer.eos_token_id), seed)
 
     def _fitting(self, prompts: list[str]) -> list[str]:
         """The prompts that fit the text encoder's context (a truncated prompt loses its last word)."""

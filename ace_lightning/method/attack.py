@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from ace_lightning.method.text import encode_ids, eos_position, find_span, soft_tokens
+from ace_lightning.models.conditioning import unet_eps
 from ace_lightning.registry import lookup, register
 
 
@@ -100,7 +101,7 @@ def optimise_soft_tokens(unet, text_encoder, ids: torch.Tensor, positions: torch
         x_t, t, eps_target = sample(step)
         with soft_tokens(text_encoder, positions, adv.expand(ids.shape[0], -1, -1)):
             c = encode_ids(text_encoder, ids)  # (B, T, d)
-        pred = unet(x_t.to(unet.dtype), t, encoder_hidden_states=c.to(unet.dtype)).sample
+        pred = unet_eps(unet, x_t, t, c)
         per_row = (pred.float() - eps_target.float()).pow(2).flatten(1).mean(1)  # (B,)
         (g,) = torch.autograd.grad(per_row.sum(), [adv])
         adv.grad = g

@@ -10,6 +10,7 @@ import copy
 import lightning as L
 import torch
 
+from ace_lightning.models.conditioning import unet_eps
 from ace_lightning.models.sampling import training_noise_scheduler
 
 
@@ -47,7 +48,7 @@ class DenseDeltaSystem(L.LightningModule):
 
     def _unet(self, x, t, c):
         """The frozen UNet's float32 prediction (inputs cast to its dtype)."""
-        return self.unet(x.to(self.unet.dtype), t, encoder_hidden_states=c.to(self.unet.dtype)).sample.float()
+        return unet_eps(self.unet, x, t, c).float()
 
     def configure_optimizers(self):
         return self.make_optimizer([p for p in self.student.parameters() if p.requires_grad])

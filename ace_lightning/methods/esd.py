@@ -16,6 +16,7 @@ import torch
 from ace_lightning.method.losses import erase_loss
 from ace_lightning.method.optim import optimizer_factory
 from ace_lightning.methods.deltas import DenseDeltaMethod, DenseDeltaSystem
+from ace_lightning.models.conditioning import unet_eps
 from ace_lightning.registry import register
 
 EXCLUDED_U = ("time_embedding.", "conv_out.", "conv_norm_out.")  # ESD's "noxattn" leaves these (and attn2) alone
@@ -50,7 +51,7 @@ class EsdSystem(DenseDeltaSystem):
         with torch.no_grad():  # frozen ε(x_t, c), ε(x_t, ∅)
             eps_c, eps_u = self._unet(torch.cat([x_t, x_t]), torch.cat([t, t]),
                                       torch.cat([emb, self.uncond.expand(B, -1, -1)])).split([B, B])
-        pred = self.student(x_t, t, encoder_hidden_states=emb).sample
+        pred = unet_eps(self.student, x_t, t, emb)
         loss = erase_loss(pred, eps_c, eps_u, self.eta)
         self.log("train/loss_erase", loss, on_step=True, on_epoch=False, batch_size=B)
         self.log("train/loss", loss, on_step=True, on_epoch=False, batch_size=B)

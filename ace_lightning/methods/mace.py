@@ -28,6 +28,7 @@ from ace_lightning.method.closed_form import EditedWeights, preserve_factor, sol
 from ace_lightning.method.fusion import fuse_projection
 from ace_lightning.method.optim import optimizer_factory
 from ace_lightning.methods.deltas import DenseDeltaMethod, DenseDeltaSystem
+from ace_lightning.models.conditioning import unet_eps
 from ace_lightning.registry import build, register
 from ace_lightning.utils import say
 
@@ -123,12 +124,12 @@ class MaceSystem(DenseDeltaSystem):
     def training_step(self, batch, batch_idx):
         x_t = self.noise_scheduler.add_noise(batch["x0"], batch["noise"], batch["t"])  # (B, c, h, w)
         emb, k = batch["emb"], batch["concept"]
-        tokens = span_mask(batch["span"], emb.shape[1])  # (B, T)
+        tokens = span_mask(batch["span"], batch["ids"].shape[1])  # (B, T): token rows (an SDXL emb has one more)
         mask = torch.stack([self.masks[int(c)][int(j)] for c, j in zip(k, batch["latent"])]).to(x_t)  # (B, 1, H, W)
         self.maps.clear()
         self._rows = k
         try:
-            self.student(x_t, batch["t"], encoder_hidden_states=emb)
+            unet_eps(self.student, x_t, batch["t"], emb)
             loss = masked_attention_loss(self.maps, tokens, mask)
         finally:
             self._rows = None

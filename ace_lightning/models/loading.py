@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ace_lightning.registry import lookup, names, register
 
 REQUIRED = ("unet", "text_encoder", "tokenizer", "vae", "scheduler")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -20,23 +22,105 @@ class ModelNotFoundError(FileNotFoundError):
 
 @dataclass
 class Components:
+    """A loaded model. ``text_encoder`` is the one text encoder the package works with: the model's own (SD-1.x/2.x)
+    or a :class:`~ace_lightning.models.conditioning.DualTextEncoder` over both (SDXL). ``family``: the registered
+    ``model_family`` (the diffusers pipeline class) that rebuilds a stock pipeline over these very modules;
+    ``extra``: that family's other parts (SDXL: the raw text encoders, the second tokenizer)."""
+
     unet: Any
     text_encoder: Any
     tokenizer: Any
     vae: Any
     scheduler: Any
     source: str  # the resolved local directory
+    family: str = "StableDiffusionPipeline"
+    extra: dict = field(default_factory=dict)
 
     def pipeline(self):
-        """A stock ``StableDiffusionPipeline`` over these very modules (no safety checker)."""
-        from diffusers import StableDiffusionPipeline
-
-        pipe = StableDiffusionPipeline(
-            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
-            scheduler=self.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
+        """A stock diffusers pipeline of the model's family over these very modules (no safety checker)."""
+        pipe = lookup("model_family", self.family).pipeline(self)
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+
+@register("model_family", "StableDiffusionPipeline")
+class StableDiffusionFamily:
+    """SD-1.x / 2.x: one CLIP text encoder, whose last hidden state is the conditioning."""
+
+    LOAD_KWARGS = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
+    @staticmethod
+    def components(pipe, root: str) -> Components:
+        return Components(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae, pipe.scheduler, root,
+                          "StableDiffusionPipeline")
+
+    @staticmethod
+    def pipeline(c: Components):
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline(
+            vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet, scheduler=c.scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+
+    @staticmethod
+    def text_encoder(pipe):
+        return pipe.text_encoder
+
+
+@register("model_family", "StableDiffusionXLPipeline")
+class StableDiffusionXLFamily:
+    """SDXL: two text encoders (penultimate hidden states concatenated), the pooled embedding and the time ids,
+    packed into one conditioning by :class:`~ace_lightning.models.conditioning.DualTextEncoder`."""
+
+    LOAD_KWARGS: dict = {}
+
+    @staticmethod
+    def components(pipe, root: str) -> Components:
+        extra = {"text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2,
+                 "tokenizer_2": pipe.tokenizer_2,
+                 "force_zeros_for_empty_prompt": bool(pipe.config.force_zeros_for_empty_prompt)}
+        return Components(pipe.unet, StableDiffusionXLFamily.text_encoder(pipe), pipe.tokenizer, pipe.vae,
+                          pipe.scheduler, root, "StableDiffusionXLPipeline", extra)
+
+    @staticmethod
+    def pipeline(c: Components):
+        from diffusers import StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline(
+            vae=c.vae, text_encoder=c.extra["text_encoder"], text_encoder_2=c.extra["text_encoder_2"],
+            tokenizer=c.tokenizer, tokenizer_2=c.extra["tokenizer_2"], unet=c.unet, scheduler=c.scheduler,
+            force_zeros_for_empty_prompt=c.extra["force_zeros_for_empty_prompt"],
+        )
+
+    @staticmethod
+    def text_encoder(pipe):
+        """The pipeline's :class:`DualTextEncoder` (made once per pipeline; time ids at its default size)."""
+        from ace_lightning.models.conditioning import DualTextEncoder
+
+        if getattr(pipe, "_ace_text_stack", None) is None:
+            size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+            pipe._ace_text_stack = DualTextEncoder(
+                pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer_2.pad_token_id, pipe.tokenizer.eos_token_id,
+                (size, size, 0, 0, size, size))
+        return pipe._ace_text_stack
+
+
+def text_encoder_of(pipe):
+    """The text encoder the package works with for a stock pipeline of any registered family."""
+    return lookup("model_family", type(pipe).__name__).text_encoder(pipe)
+
+
+def model_family(root: Path) -> str:
+    """The registered family of a diffusers model directory, from its ``model_index.json``."""
+    import json
+
+    index = root / "model_index.json"
+    cls = json.loads(index.read_text()).get("_class_name", "") if index.is_file() else "StableDiffusionPipeline"
+    if cls not in names("model_family"):
+        raise ModelNotFoundError(f"{root} holds a {cls or 'model of unknown class'}; supported families: "
+                                 f"{', '.join(names('model_family'))}")
+    return cls
 
 
 def resolve_model_dir(path: str | os.PathLike | None) -> Path:
@@ -84,27 +168,27 @@ def damaged_weight_files(root: Path) -> list[tuple[Path, str]]:
 
 
 def load_components(path: str | os.PathLike | None = None, dtype: str = "float32", device: str = "cpu") -> Components:
-    """Load unet, text_encoder, tokenizer, vae and scheduler (frozen, eval mode) from ``path``."""
-    from diffusers import StableDiffusionPipeline
+    """Load a model's parts (frozen, eval mode) from ``path``: SD-1.x/2.x or SDXL (see :class:`Components`)."""
+    import diffusers
 
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; valid: {sorted(DTYPES)}")
     root = resolve_model_dir(path)
+    family = model_family(root)
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            root, torch_dtype=DTYPES[dtype], safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False, local_files_only=True,
-        )
+        pipe = getattr(diffusers, family).from_pretrained(
+            root, torch_dtype=DTYPES[dtype], local_files_only=True, **lookup("model_family", family).LOAD_KWARGS)
     except (OSError, ValueError, RuntimeError) as e:
         bad = damaged_weight_files(root)
         if bad:
             raise ModelNotFoundError(f"weights file {bad[0][0]} is incomplete or corrupt ({bad[0][1]})") from e
         raise
     pipe.to(device)
-    for m in (pipe.unet, pipe.text_encoder, pipe.vae):
-        m.requires_grad_(False)
-        m.eval()
-    return Components(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae, pipe.scheduler, str(root))
+    for m in pipe.components.values():
+        if isinstance(m, torch.nn.Module):
+            m.requires_grad_(False)
+            m.eval()
+    return lookup("model_family", family).components(pipe, str(root))
 
 
 def model_fingerprint(unet: torch.nn.Module, targets=("to_k", "to_v")) -> str:

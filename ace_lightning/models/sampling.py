@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ace_lightning.models.conditioning import pipeline_text_kwargs
 from ace_lightning.registry import lookup, register
 
 
@@ -66,7 +67,8 @@ def generate(
     embeds: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Images (B, 3, H, W) in [0, 1] (``output_type="pt"``) or latents (B, 4, h, w) (``"latent"``). ``embeds``
-    (B, T, d): text-encoder outputs used instead of encoding ``prompts`` (which then only name the rows)."""
+    (B, T, d): text-encoder outputs (SDXL: packed, see ``models.conditioning``) used instead of encoding
+    ``prompts`` (which then only name the rows)."""
     if embeds is not None and len(embeds) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(embeds)} embeddings")
     if len(prompts) != len(seeds):
@@ -80,7 +82,7 @@ def generate(
         ps, ss = prompts[i : i + batch_size], seeds[i : i + batch_size]
         gens = [torch.Generator(gen_dev).manual_seed(int(s)) for s in ss]
         text = {"prompt": ps} if embeds is None else {
-            "prompt_embeds": embeds[i : i + batch_size].to(dev, pipe.unet.dtype)}
+            k: v.to(dev, pipe.unet.dtype) for k, v in pipeline_text_kwargs(pipe.unet, embeds[i : i + batch_size]).items()}
         res = pipe(
             **text, num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type=output_type, eta=eta
         ).images

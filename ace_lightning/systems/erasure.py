@@ -15,6 +15,7 @@ from ace_lightning.method.adapter import inject
 from ace_lightning.method.attack import adversarial_gate_tokens, insert_placeholders
 from ace_lightning.method.gate import fit_gate
 from ace_lightning.method.losses import erase_loss, gate_loss, preserve_loss
+from ace_lightning.models.conditioning import unet_eps
 from ace_lightning.models.sampling import training_noise_scheduler
 from ace_lightning.registry import build
 
@@ -77,7 +78,7 @@ class ErasureSystem(L.LightningModule):
             yield self.components.pipeline()
 
     def _unet(self, x, t, c):
-        return self.unet(x.to(self.unet.dtype), t, encoder_hidden_states=c.to(self.unet.dtype)).sample
+        return unet_eps(self.unet, x, t, c)
 
     # -- the step ----------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
@@ -110,7 +111,7 @@ class ErasureSystem(L.LightningModule):
         l_pres = preserve_loss(pred[B:], eps_p)
 
         # gate: each concept's gate on its own target tokens vs every preserve token
-        pres_tok = batch["emb_p"][batch["preserve_mask"]]  # (m, d)
+        pres_tok = batch["emb_p"][:, : batch["preserve_mask"].shape[1]][batch["preserve_mask"]]  # (m, d)
         if len(self.vocab_tokens):  # plus a fixed-size sample of vocabulary tokens (deterministic in the step)
             g = torch.Generator().manual_seed(10_007 + self.global_step)
             pick = torch.randint(len(self.vocab_tokens), (self.GATE_VOCAB_SAMPLE,), generator=g)
@@ -121,7 +122,7 @@ class ErasureSystem(L.LightningModule):
             if not ad.gated:  # ungated ablation: the gate is 1 by construction, nothing to train
                 continue
             rows = batch["concept"] == k
-            tgt_tok = batch["emb"][rows][batch["target_mask"][rows]]  # (n, d)
+            tgt_tok = batch["emb"][rows][:, : batch["target_mask"].shape[1]][batch["target_mask"][rows]]  # (n, d)
             g_p = ad.gate(pres_tok)
             g_p_all.append(g_p)
             if tgt_tok.numel():
