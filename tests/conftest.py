@@ -84,7 +84,7 @@ def build_tiny_sdxl(path, seed: int = 0, max_len: int = 16):
         )
 
     text_encoder = CLIPTextModel(text_config(32, 3))
-    text_encoder_2 = CLIPTextModelWithProjection(text_config(48, 3))
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(48, 4))
     unet = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),

@@ -40,8 +40,9 @@ def test_method_trains_on_sdxl_and_its_adapter_applies_and_removes_bit_for_bit(m
     from ace_lightning import apply_adapter, remove_adapter
 
     m = run(tiny_cfg(tiny_sdxl_dir, tmp_path, f"method={method}", "trainer.max_steps=2", "optim.lr=1e-2",
-                     "adv.warmup=1", "adv.every=1"))
+                     "adv.warmup=1", "adv.every=1", "grid.enabled=true", "grid.seeds=[0]"))
     assert m["train/global_step"] == 2 and m["train/loss"] == m["train/loss"]
+    assert (tmp_path / "dog" / "grid.png").is_file()  # drawn by a stock SDXL pipeline with the trained edit in place
     if method == "ace":  # the inner attack ran through the packed conditioning
         assert m["train/adv_attack_loss"] >= 0
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
@@ -60,6 +61,49 @@ def test_method_trains_on_sdxl_and_its_adapter_applies_and_removes_bit_for_bit(m
     after = {k: v for part in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2) for k, v in part.state_dict().items()}
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     assert torch.equal(draw(), base)
+    # the same file on another task's pipeline over the same modules (img2img)
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    i2i = StableDiffusionXLImg2ImgPipeline(**pipe.components)
+    apply_adapter(i2i, tmp_path / "dog" / "adapter.safetensors")
+    remove_adapter(i2i)
+    assert all(torch.equal(v, before[k]) for part in (i2i.unet, i2i.text_encoder, i2i.text_encoder_2)
+               for k, v in part.state_dict().items())
+
+
+def test_attack_slots_do_not_end_the_prompt_for_the_second_encoder(tiny_sdxl_dir):
+    """Placeholder slots (prefix / replace) keep the rest of the prompt for text_encoder_2, whose padding and
+    pooled output are read from the ids: the pooled embedding is taken at the real EOS."""
+    from ace_lightning.method.attack import insert_placeholders
+    from ace_lightning.method.text import eos_position, find_span, phrase_ids, tokenize
+
+    c = load_components(str(tiny_sdxl_dir))
+    tok, dual = c.tokenizer, c.text_encoder
+    ids = tokenize(tok, ["a photo of a dog on a hill"])
+    span = torch.tensor([find_span(ids[0].tolist(), phrase_ids(tok, "dog"))])
+    end = eos_position(ids[0].tolist(), tok.eos_token_id)
+    for position in ("prefix", "replace"):
+        adv, _ = insert_placeholders(ids, span, 2, position, tok.eos_token_id)
+        adv_end = eos_position(adv[0].tolist(), tok.eos_token_id)
+        assert adv_end >= end  # the slots do not end the prompt
+        second = dual.second_ids(adv)
+        assert torch.equal(second[0, : adv_end + 1], adv[0, : adv_end + 1])  # "on a hill" reaches encoder 2
+        assert (second[0, adv_end + 1 :] == c.extra["tokenizer_2"].pad_token_id).all()
+
+
+def test_unconditional_is_the_pipelines_and_advunlearn_layers_are_checked_per_encoder(tiny_sdxl_dir):
+    from ace_lightning.methods.advunlearn import text_layer_names
+    from ace_lightning.models.conditioning import split_conditioning
+
+    c = load_components(str(tiny_sdxl_dir))
+    hidden, added = split_conditioning(c.unet, c.unconditional())
+    _, neg, _, neg_pooled = c.pipeline().encode_prompt("a dog", device="cpu", do_classifier_free_guidance=True)
+    assert torch.equal(hidden, neg) and torch.equal(added["text_embeds"], neg_pooled)  # SDXL base: zeros
+    assert not hidden.any() and added["time_ids"].tolist() == [[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]]
+    names = text_layer_names(c.text_encoder, [2])  # layer 2 of both encoders
+    assert {n.split(".")[0] for n in names} == {"text_encoder", "text_encoder_2"}
+    with pytest.raises(ValueError, match=r"layers \[3\] out of range: .*0..2 \(text_encoder\), 0..3 \(text_encoder_2\)"):
+        text_layer_names(c.text_encoder, [3])  # only the second encoder has a layer 3
 
 
 def test_closed_form_is_the_direct_formula_at_2048_dimensions():

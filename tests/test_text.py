@@ -60,7 +60,7 @@ def test_placeholders_and_soft_prompt_attack(tiny_components, position):
     span = torch.tensor([find_span(ids[0].tolist(), phrase_ids(tok, "golden dog"))] * 2)  # [5, 7)
     new, pos = insert_placeholders(ids, span, 3, position, tok.eos_token_id)
     assert new.shape == ids.shape and pos.shape == (2, 3)
-    assert (new.gather(1, pos) == tok.eos_token_id).all()
+    assert (new.gather(1, pos) == tok.bos_token_id).all()  # not EOS: the prompt must not end at the slots
     expect = {"prefix": [1, 2, 3], "suffix": [7, 8, 9], "replace": [5, 6, 7]}[position]
     assert pos.tolist() == [expect, expect]
     if position == "replace":  # phrase gone, EOS follows the slots

@@ -49,7 +49,10 @@ class CostMeter(L.Callback):
     def __init__(self, components, system) -> None:
         self.unet, self.text = _Counter(), _Counter()
         self._handles = []
-        for base, counter in ((components.unet, self.unet), (components.text_encoder, self.text)):
+        # SDXL: count the first encoder, which the DualTextEncoder and the stock pipeline's own prompt encoding
+        # (latent generation) both call once per sample
+        text = getattr(components.text_encoder, "text_encoder", components.text_encoder)
+        for base, counter in ((components.unet, self.unet), (text, self.text)):
             # the component and any trained copy of it inside the system (ESD's UNet, AdvUnlearn's text encoder)
             for m in {id(m): m for m in [base, *(m for m in system.modules() if type(m) is type(base))]}.values():
                 self._handles.append(m.register_forward_hook(counter, with_kwargs=True))

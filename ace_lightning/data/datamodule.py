@@ -323,7 +323,7 @@ class ErasureDataModule(L.LightningDataModule):
         emb, ids = encode_prompts(c.text_encoder, c.tokenizer, prompts)  # (n, T, d), (n, T)
         span = torch.tensor([find_span(r, phrase_ids(c.tokenizer, ph)) for r, ph in zip(ids.tolist(), phrases)])
         emb_neu, _ = encode_prompts(c.text_encoder, c.tokenizer, neutrals)
-        mask = torch.zeros(emb.shape[:2], dtype=torch.bool)
+        mask = torch.zeros(ids.shape, dtype=torch.bool)  # (n, T): token rows only (an SDXL emb has T + 1)
         cols_c, cols_n = [], []
         for i, (p, ph, npr) in enumerate(triples):
             pc, pn = paired_positions(c.tokenizer, p, ph, npr, req.neutral, cfg.token_policy)

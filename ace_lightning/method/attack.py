@@ -34,8 +34,9 @@ def insert_placeholders(ids: torch.Tensor, span: torch.Tensor, n_adv: int, posit
 
     ``position`` names a ``placeholder_position``: ``prefix`` (right after BOS), ``suffix`` (before each row's
     EOS) or ``replace`` (over each row's concept phrase ``span[i] = [start, end)``; rows may differ in length and
-    phrase position). Placeholders are EOS ids; their embeddings are replaced by :func:`soft_tokens`. Rows keep
-    length T (the tail is cut or EOS-padded).
+    phrase position). Placeholders carry the row's own BOS id, never EOS: an EOS would end the prompt for whatever
+    reads the ids (CLIP's pooled output, SDXL's second tokenizer padding after the first EOS); their embeddings are
+    replaced by :func:`soft_tokens` anyway. Rows keep length T (the tail is cut or EOS-padded).
     """
     where = lookup("placeholder_position", position)
     B, T = ids.shape
@@ -47,7 +48,7 @@ def insert_placeholders(ids: torch.Tensor, span: torch.Tensor, n_adv: int, posit
         row = ids[i].tolist()
         start, cut = where(row, (int(span[i, 0]), int(span[i, 1])), eos_id)
         start = min(start, T - 1 - n_adv)  # the slots and an EOS always fit
-        new = (row[:start] + [eos_id] * n_adv + row[cut:])[:T]
+        new = (row[:start] + [row[0]] * n_adv + row[cut:])[:T]  # row[0]: BOS
         out[i, : len(new)] = torch.tensor(new, dtype=ids.dtype)
         pos[i] = torch.arange(start, start + n_adv)
     return out, pos

@@ -28,16 +28,20 @@ from ace_lightning.registry import build, register
 
 
 def text_layer_names(text_encoder: torch.nn.Module, layers: list[int]) -> list[str]:
-    """Parameter names of the chosen transformer layers (``[]``: every layer)."""
-    layer_of = {n: int(m.group(1)) for n, _ in text_encoder.named_parameters()
-                if (m := re.search(r"(?:^|\.)encoder\.layers\.(\d+)\.", n))}
-    if not layer_of:
+    """Parameter names of the chosen transformer layers (``[]``: every layer) of every text encoder in
+    ``text_encoder`` (SDXL's pair: layer i of each); an index must exist in every one of them."""
+    found = {n: (m.group(1), int(m.group(2))) for n, _ in text_encoder.named_parameters()
+             if (m := re.search(r"^(.*?)(?:^|\.)?encoder\.layers\.(\d+)\.", n))}
+    if not found:
         raise ValueError("this text encoder has no encoder.layers.<i> parameters")
-    n_layers = 1 + max(layer_of.values())
-    bad = [i for i in layers if not 0 <= i < n_layers]
+    depth: dict[str, int] = {}
+    for enc, i in found.values():
+        depth[enc] = max(depth.get(enc, 0), i + 1)
+    bad = [i for i in layers if not all(0 <= i < d for d in depth.values())]
     if bad:
-        raise ValueError(f"advunlearn.layers {bad} out of range: this text encoder has layers 0..{n_layers - 1}")
-    return [n for n, i in layer_of.items() if not layers or i in layers]
+        have = ", ".join(f"0..{d - 1}" + (f" ({e.split('.')[0]})" if len(depth) > 1 else "") for e, d in depth.items())
+        raise ValueError(f"advunlearn.layers {bad} out of range: this text encoder has layers {have}")
+    return [n for n, (_, i) in found.items() if not layers or i in layers]
 
 
 class AdvUnlearnSystem(DenseDeltaSystem):

@@ -39,12 +39,9 @@ class DenseDeltaSystem(L.LightningModule):
         self.register_buffer("uncond", torch.zeros(0), persistent=False)
 
     def setup(self, stage: str) -> None:
-        from ace_lightning.method.text import encode_prompts
-
         self.unet.to(self.device).requires_grad_(False)
         self.text_encoder.to(self.device).requires_grad_(False)
-        emb, _ = encode_prompts(self.text_encoder, self.components.tokenizer, [""])  # (1, T, d)
-        self.uncond = emb.to(self.device)
+        self.uncond = self.components.unconditional().to(self.device)  # (1, T, d); SDXL: the pipeline's zeros
 
     def _unet(self, x, t, c):
         """The frozen UNet's float32 prediction (inputs cast to its dtype)."""
@@ -60,10 +57,10 @@ class DenseDeltaSystem(L.LightningModule):
     @contextlib.contextmanager
     def pipeline(self, edited: bool = True):
         """A stock pipeline over the frozen components, with the trained copy in place of its part when ``edited``."""
-        pipe = self.components.pipeline()
-        if edited:
-            setattr(pipe, self.part, self.student)
-        yield pipe
+        import dataclasses
+
+        comps = dataclasses.replace(self.components, **{self.part: self.student}) if edited else self.components
+        yield comps.pipeline()
 
     @torch.no_grad()
     def deltas(self) -> dict[str, torch.Tensor]:

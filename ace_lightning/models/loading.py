@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ace_lightning.models.conditioning import N_TIME_IDS
 from ace_lightning.registry import lookup, names, register
 
 REQUIRED = ("unet", "text_encoder", "tokenizer", "vae", "scheduler")
@@ -42,6 +43,10 @@ class Components:
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
+    def unconditional(self):
+        """The conditioning (1, T[+1], d) the model's classifier-free guidance uses for "no prompt"."""
+        return lookup("model_family", self.family).unconditional(self)
+
 
 @register("model_family", "StableDiffusionPipeline")
 class StableDiffusionFamily:
@@ -64,8 +69,11 @@ class StableDiffusionFamily:
         )
 
     @staticmethod
-    def text_encoder(pipe):
-        return pipe.text_encoder
+    def unconditional(c: Components):
+        """(1, T, d): the empty prompt's encoding (what classifier-free guidance uses)."""
+        from ace_lightning.method.text import encode_prompts
+
+        return encode_prompts(c.text_encoder, c.tokenizer, [""])[0]
 
 
 @register("model_family", "StableDiffusionXLPipeline")
@@ -73,42 +81,60 @@ class StableDiffusionXLFamily:
     """SDXL: two text encoders (penultimate hidden states concatenated), the pooled embedding and the time ids,
     packed into one conditioning by :class:`~ace_lightning.models.conditioning.DualTextEncoder`."""
 
-    LOAD_KWARGS: dict = {}
+    LOAD_KWARGS = {"add_watermarker": False}
 
     @staticmethod
     def components(pipe, root: str) -> Components:
-        extra = {"text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2,
-                 "tokenizer_2": pipe.tokenizer_2,
+        extra = {"tokenizer_2": pipe.tokenizer_2,
                  "force_zeros_for_empty_prompt": bool(pipe.config.force_zeros_for_empty_prompt)}
-        return Components(pipe.unet, StableDiffusionXLFamily.text_encoder(pipe), pipe.tokenizer, pipe.vae,
-                          pipe.scheduler, root, "StableDiffusionXLPipeline", extra)
+        return Components(pipe.unet, text_encoder_of(pipe), pipe.tokenizer, pipe.vae, pipe.scheduler, root,
+                          "StableDiffusionXLPipeline", extra)
 
     @staticmethod
     def pipeline(c: Components):
+        """The stock pipeline over ``c.text_encoder``'s own two encoders (a trained copy of the pair included)."""
         from diffusers import StableDiffusionXLPipeline
 
-        return StableDiffusionXLPipeline(
-            vae=c.vae, text_encoder=c.extra["text_encoder"], text_encoder_2=c.extra["text_encoder_2"],
-            tokenizer=c.tokenizer, tokenizer_2=c.extra["tokenizer_2"], unet=c.unet, scheduler=c.scheduler,
-            force_zeros_for_empty_prompt=c.extra["force_zeros_for_empty_prompt"],
+        dual = c.text_encoder
+        pipe = StableDiffusionXLPipeline(
+            vae=c.vae, text_encoder=dual.text_encoder, text_encoder_2=dual.text_encoder_2, tokenizer=c.tokenizer,
+            tokenizer_2=c.extra["tokenizer_2"], unet=c.unet, scheduler=c.scheduler,
+            force_zeros_for_empty_prompt=c.extra["force_zeros_for_empty_prompt"], add_watermarker=False,
         )
+        pipe._ace_text_stack = dual
+        return pipe
 
     @staticmethod
-    def text_encoder(pipe):
-        """The pipeline's :class:`DualTextEncoder` (made once per pipeline; time ids at its default size)."""
-        from ace_lightning.models.conditioning import DualTextEncoder
+    def unconditional(c: Components):
+        """(1, T + 1, d): what the pipeline's guidance uses for "no prompt": zero token rows and a zero pooled
+        embedding when ``force_zeros_for_empty_prompt`` (SDXL base), else the empty prompt's encoding."""
+        from ace_lightning.method.text import encode_prompts
 
-        if getattr(pipe, "_ace_text_stack", None) is None:
-            size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-            pipe._ace_text_stack = DualTextEncoder(
-                pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer_2.pad_token_id, pipe.tokenizer.eos_token_id,
-                (size, size, 0, 0, size, size))
-        return pipe._ace_text_stack
+        emb = encode_prompts(c.text_encoder, c.tokenizer, [""])[0]  # (1, T + 1, d)
+        if c.extra["force_zeros_for_empty_prompt"]:
+            p = c.text_encoder.pooled_dim
+            keep = emb[:, -1:, p : p + N_TIME_IDS].clone()  # the time ids stay
+            emb.zero_()
+            emb[:, -1:, p : p + N_TIME_IDS] = keep
+        return emb
 
 
 def text_encoder_of(pipe):
-    """The text encoder the package works with for a stock pipeline of any registered family."""
-    return lookup("model_family", type(pipe).__name__).text_encoder(pipe)
+    """The text encoder as the package sees it, for a stock pipeline (any task: text-to-image, img2img, ...): the
+    pipeline's own, or for a pipeline with a second text encoder (SDXL) a
+    :class:`~ace_lightning.models.conditioning.DualTextEncoder` over both, made once per pipeline (time ids at its
+    default size)."""
+    from ace_lightning.models.conditioning import DualTextEncoder
+
+    if getattr(pipe, "text_encoder_2", None) is None:
+        return pipe.text_encoder
+    stack = getattr(pipe, "_ace_text_stack", None)
+    if stack is None or stack.text_encoder is not pipe.text_encoder or stack.text_encoder_2 is not pipe.text_encoder_2:
+        size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        stack = pipe._ace_text_stack = DualTextEncoder(
+            pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer_2.pad_token_id, pipe.tokenizer.eos_token_id,
+            (size, size, 0, 0, size, size))
+    return stack
 
 
 def model_family(root: Path) -> str:
