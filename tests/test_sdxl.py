@@ -149,3 +149,16 @@ def test_bench_gpu_refuses_without_cuda_and_runs_its_code_path_tiny(tmp_path, ca
     assert row["model"] == "sdxl-tiny" and row["steps"] == 2 and row["images_generated"] == 4
     assert row["seconds_per_concept"] >= row["finetune_seconds"] > 0 and row["unet_backward_samples"] > 0
     assert (tmp_path / "runs" / "sdxl-tiny" / "van_gogh" / "adapter.safetensors").is_file()
+
+
+def test_a_model_of_an_unsupported_family_is_refused_with_the_supported_list(tmp_path):
+    import json
+
+    from ace_lightning.models.loading import ModelNotFoundError
+
+    for part in ("unet", "text_encoder", "tokenizer", "vae", "scheduler"):
+        (tmp_path / part).mkdir()
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    with pytest.raises(ModelNotFoundError, match="holds a FluxPipeline; supported families: "
+                                                 "StableDiffusionPipeline, StableDiffusionXLPipeline"):
+        load_components(str(tmp_path))
