@@ -59,8 +59,8 @@ sweep: $(STAMP) ## hyperparameter sweep on a bench objective: SWEEP=experiments/
 	@test -n "$(SWEEP)" || { echo "usage: make sweep SWEEP=experiments/sweeps/<name>.yaml [COUNT=n] [MODE=offline|online] [OUT=dir]"; exit 2; }
 	$(PY) -m ace_lightning.sweep sweep="$(SWEEP)" $(if $(COUNT),count=$(COUNT)) $(if $(MODE),mode=$(MODE)) $(if $(OUT),out="$(OUT)")
 
-bench-closed-form: $(STAMP) ## time the closed-form stage for 1, 10, 100 concepts at SD-1.4 sizes
-	$(PY) benchmarks/closed_form_speed.py $(ARGS)
+bench-closed-form: $(STAMP) ## time the closed-form stage for 1, 10, 100 concepts at SD-1.4 sizes [ARGS="--models sd14 sdxl --concepts ..."]
+	$(PY) benchmarks/full_size_cost.py closed-form --models sd14 --concepts 1 10 100 $(ARGS)
 
 bench-gpu: $(STAMP) ## ACE seconds per concept, peak CUDA memory, step time at SD-1.4 and SDXL size on one CUDA GPU (random weights) [ARGS="--models sd14 --tiny ..."]
 	$(PY) benchmarks/bench_gpu.py $(ARGS)
