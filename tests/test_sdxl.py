@@ -33,7 +33,7 @@ def test_packed_conditioning_is_the_pipelines_encoding_and_generates_the_same_im
         split_conditioning(c.unet, torch.randn(1, ids.shape[1], 80))
 
 
-@pytest.mark.parametrize("method", ["ace", "esd_x", "advunlearn"])
+@pytest.mark.parametrize("method", ["ace", pytest.param("esd_x", marks=pytest.mark.slow), "advunlearn"])
 def test_method_trains_on_sdxl_and_its_adapter_applies_and_removes_bit_for_bit(method, tiny_sdxl_dir, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
