@@ -173,8 +173,12 @@ def main(argv: list[str] | None = None) -> None:
             res = subprocess.run([sys.executable, __file__, a.what, "--_one", json.dumps(job)], capture_output=True,
                                  text=True, timeout=a.timeout)
             lines = res.stdout.strip().splitlines()
-            row = json.loads(lines[-1]) if res.returncode == 0 and lines else {
-                **job, "error": f"exit {res.returncode}: {(res.stderr.strip().splitlines() or ['killed'])[-1][:200]}"}
+            if res.returncode == 0 and lines:
+                row = json.loads(lines[-1])
+            elif res.returncode < 0:  # a signal: -9 is what the kernel's out-of-memory killer sends
+                row = {**job, "error": f"killed by signal {-res.returncode}" + (" (out of memory?)" if res.returncode == -9 else "")}
+            else:
+                row = {**job, "error": f"exit {res.returncode}: {(res.stderr.strip().splitlines() or [''])[-1][:200]}"}
         except subprocess.TimeoutExpired:
             row = {**job, "error": f"timed out after {a.timeout:.0f} s"}
         row["wall_seconds"] = round(time.perf_counter() - t0, 1)
