@@ -44,16 +44,12 @@ def conditioning(unet, n: int, g):
     """(n, 77, d) random conditioning; for an SDXL UNet packed with the pooled row and time ids."""
     import torch
 
-    from ace_lightning.models.conditioning import N_TIME_IDS, packs_pooled, pooled_width
+    from ace_lightning.models.conditioning import pack, packs_pooled, pooled_width
 
-    d = unet.config.cross_attention_dim
-    c = torch.randn(n, TEXT_LEN, d, generator=g)
+    c = torch.randn(n, TEXT_LEN, unet.config.cross_attention_dim, generator=g)
     if packs_pooled(unet):
-        p, size = pooled_width(unet), unet.config.sample_size * 8
-        row = torch.zeros(n, 1, d)
-        row[:, 0, :p] = torch.randn(n, p, generator=g)
-        row[:, 0, p : p + N_TIME_IDS] = torch.tensor([size, size, 0, 0, size, size], dtype=torch.float32)
-        c = torch.cat([c, row], 1)
+        size = unet.config.sample_size * 8
+        c = pack(c, torch.randn(n, pooled_width(unet), generator=g), torch.tensor([size, size, 0, 0, size, size]))
     return c
 
 

@@ -45,6 +45,17 @@ def split_conditioning(unet, c: torch.Tensor) -> tuple[torch.Tensor, dict | None
     return c[:, :-1], {"text_embeds": extra[:, :p], "time_ids": extra[:, p : p + N_TIME_IDS]}
 
 
+def pack(hidden: torch.Tensor, pooled: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
+    """The packed SDXL conditioning (B, T + 1, d) of token rows ``hidden`` (B, T, d), ``pooled`` (B, p) and
+    ``time_ids`` (6,) or (B, 6): the inverse of :func:`split_conditioning`."""
+    B, _, d = hidden.shape
+    p = pooled.shape[-1]
+    row = torch.zeros(B, 1, d, dtype=hidden.dtype, device=hidden.device)
+    row[:, 0, :p] = pooled.to(hidden)
+    row[:, 0, p : p + N_TIME_IDS] = time_ids.to(hidden)
+    return torch.cat([hidden, row], 1)
+
+
 def unet_eps(unet, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """The UNet's prediction (ε or v, the model's own) for latents x (B, ch, h, w), timesteps t (B,) and
     conditioning c (B, T, d), or (B, T + 1, d) packed for SDXL. Computed in the UNet's dtype."""
@@ -140,8 +151,4 @@ class DualTextEncoder(nn.Module):
             out2 = self.text_encoder_2(ids_2, output_hidden_states=True)
         h2, pooled = out2.hidden_states[-2], out2[0]  # (B, T, d2), (B, p)
         hidden = torch.cat([h1, h2.to(h1.dtype)], -1)  # (B, T, d)
-        B, d = hidden.shape[0], hidden.shape[-1]
-        row = torch.zeros(B, 1, d, dtype=hidden.dtype, device=hidden.device)
-        row[:, 0, : self.pooled_dim] = pooled.to(hidden.dtype)
-        row[:, 0, self.pooled_dim : self.pooled_dim + N_TIME_IDS] = self.time_ids.to(hidden)
-        return (torch.cat([hidden, row], 1),)  # (B, T + 1, d)
+        return (pack(hidden, pooled, self.time_ids),)  # (B, T + 1, d)

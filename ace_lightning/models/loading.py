@@ -26,7 +26,7 @@ class Components:
     """A loaded model. ``text_encoder`` is the one text encoder the package works with: the model's own (SD-1.x/2.x)
     or a :class:`~ace_lightning.models.conditioning.DualTextEncoder` over both (SDXL). ``family``: the registered
     ``model_family`` (the diffusers pipeline class) that rebuilds a stock pipeline over these very modules;
-    ``extra``: that family's other parts (SDXL: the raw text encoders, the second tokenizer)."""
+    ``extra``: that family's other parts (SDXL: the second tokenizer and ``force_zeros_for_empty_prompt``)."""
 
     unet: Any
     text_encoder: Any
@@ -65,7 +65,7 @@ class StableDiffusionFamily:
 
         return StableDiffusionPipeline(
             vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet, scheduler=c.scheduler,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            **StableDiffusionFamily.LOAD_KWARGS,
         )
 
     @staticmethod
@@ -99,7 +99,7 @@ class StableDiffusionXLFamily:
         pipe = StableDiffusionXLPipeline(
             vae=c.vae, text_encoder=dual.text_encoder, text_encoder_2=dual.text_encoder_2, tokenizer=c.tokenizer,
             tokenizer_2=c.extra["tokenizer_2"], unet=c.unet, scheduler=c.scheduler,
-            force_zeros_for_empty_prompt=c.extra["force_zeros_for_empty_prompt"], add_watermarker=False,
+            force_zeros_for_empty_prompt=c.extra["force_zeros_for_empty_prompt"], **StableDiffusionXLFamily.LOAD_KWARGS,
         )
         pipe._ace_text_stack = dual
         return pipe
