@@ -68,6 +68,7 @@ class OptimCfg:
 @dataclass
 class TrainerCfg:
     max_steps: int = 200
+    steps_per_concept: int = 0
     accelerator: str = "cpu"
     devices: int = 1
     strategy: str = "auto"
@@ -98,6 +99,8 @@ class DataCfg:
     gate_hard_words: int = 64
     gate_hard_contexts: int = 32
     gate_long_prompts: int = 0
+    gate_hard_pseudo: int = 0
+    gate_pseudo_pool: int = 20000
     timesteps: dict[str, Any] = field(default_factory=lambda: {"name": "uniform"})
     cache_dir: str = ".cache/ace"
     num_workers: int = 0
@@ -242,6 +245,7 @@ RANGES = [
     ("adapter.rank", lambda v: v >= 1, ">= 1"), ("adapter.gate_q", lambda v: v >= 1, ">= 1"),
     ("adapter.gate_hard_rounds", lambda v: v >= 0, ">= 0"), ("adapter.gate_fit_steps", lambda v: v >= 0, ">= 0"),
     ("data.gate_prompts", lambda v: v >= 0, ">= 0"), ("data.gate_hard_words", lambda v: v >= 0, ">= 0"),
+    ("data.gate_hard_pseudo", lambda v: v >= 0, ">= 0"), ("data.gate_pseudo_pool", lambda v: v >= 0, ">= 0"),
     ("data.gate_hard_contexts", lambda v: v >= 1, ">= 1"),
     ("data.gate_long_prompts", lambda v: v >= 0, ">= 0"), ("adapter.gate_target", lambda v: 0.5 < v < 1, "in (0.5, 1)"),
     ("closed_form.lam", lambda v: v > 0, "> 0"), ("closed_form.s_e", lambda v: v >= 0, ">= 0"),
@@ -249,6 +253,7 @@ RANGES = [
     ("loss.alpha_pres", lambda v: v >= 0, ">= 0"), ("loss.alpha_gate", lambda v: v >= 0, ">= 0"),
     ("optim.lr", lambda v: v > 0, "> 0"), ("optim.lr_gate", lambda v: v >= 0, ">= 0"),
     ("optim.weight_decay", lambda v: v >= 0, ">= 0"), ("trainer.max_steps", lambda v: v >= 0, ">= 0"),
+    ("trainer.steps_per_concept", lambda v: v >= 0, ">= 0"),
     ("trainer.devices", lambda v: v >= 1, ">= 1"), ("trainer.checkpoint_every", lambda v: v >= 1, ">= 1"),
     ("trainer.threads", lambda v: v >= 0, ">= 0"), ("trainer.log_every_n_steps", lambda v: v >= 1, ">= 1"),
     ("data.batch_size", lambda v: v >= 1, ">= 1"), ("data.prompts_per_concept", lambda v: v >= 1, ">= 1"),

@@ -50,6 +50,8 @@ def run(cfg) -> dict:
     quiet_known_notices()
     t = cfg.trainer
     requests = [ErasureRequest(**OmegaConf.to_container(c)) for c in cfg.concepts]
+    if t.steps_per_concept > 0:  # the step budget grows with the erased set (config.yaml records the steps run)
+        t.max_steps = max(t.max_steps, t.steps_per_concept * len(requests))
     name = cfg.name or concepts_slug([r.concept for r in requests])
     if not cfg.name and os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_RUN_ID"):
         name += f"-{os.environ['WANDB_RUN_ID']}"  # a wandb agent's runs: one folder each

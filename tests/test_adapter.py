@@ -166,3 +166,38 @@ def test_gate_carry_keeps_the_gate_open_after_the_concept(tiny_components, tmp_p
         assert loaded["dog"].carry is True
     finally:
         remove(unet)
+
+
+def test_batched_delta_equals_the_sum_over_concepts_with_their_gates_and_grads():
+    """The bank's one-product delta is ``Σ_k g_k(c) B_k A_k c`` with each concept's own gate: concepts of different
+    ranks, one ungated, one carrying its gate; and every concept's parameters get the loop's gradients."""
+    from ace_lightning.method.adapter import AdapterBank
+
+    g = torch.Generator().manual_seed(0)
+    d, o = 12, 7
+    bank = AdapterBank(d, {"k": o})
+    for i, (rank, gated, carry) in enumerate([(3, True, False), (5, False, False), (2, True, True)]):
+        ad = bank.add_concept(f"c{i}", rank=rank, q=4)
+        with torch.no_grad():
+            ad.A.copy_(torch.randn(rank, d, generator=g))
+            ad.B["k"].copy_(torch.randn(o, rank, generator=g))
+            ad.Q = torch.randn(d, 4, generator=g)
+            ad.gamma.fill_(3.0 + i)
+            ad.tau.fill_(0.5 + 0.3 * i)
+        ad.gated, ad.carry = gated, carry
+    c = torch.randn(2, 6, d, generator=g)
+
+    def loop():
+        return sum(ad.seq_gate(c).unsqueeze(-1) * (c @ ad.A.T) @ ad.B["k"].T for ad in bank.concepts.values())
+
+    def grads(y):  # an ungated concept's γ, τ take no part: no gradient (None in the loop, zero batched)
+        gs = torch.autograd.grad(y.square().sum(), list(bank.parameters()), allow_unused=True)
+        return [torch.zeros_like(p) if gr is None else gr for gr, p in zip(gs, bank.parameters())]
+
+    ref = loop()
+    out = bank.delta("k", c)
+    assert torch.allclose(out, ref, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(grads(out), grads(ref)))
+    gates = bank.gates(c)  # (B, T, n)
+    assert torch.equal(gates[..., 1], torch.ones(2, 6))  # ungated: exactly 1
+    assert (gates[..., 2].diff(dim=-1) >= 0).all() and not (gates[..., 0].diff(dim=-1) >= 0).all()  # carry: running max

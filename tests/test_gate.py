@@ -135,3 +135,52 @@ def test_adversarial_gate_tokens_take_the_slots_and_the_concept_where_it_stays()
     assert got == [1.0, 2.0, 5.0]  # the slots, then the concept's token after them
     rep_ids, rep_pos = insert_placeholders(ids, span, 2, "replace", EOS)  # BOS a b s s EOS: the concept is gone
     assert adversarial_gate_tokens(c, rep_ids, rep_pos, ids, span)[0, :, 0].tolist() == [3.0, 4.0, 4.0]
+
+
+def _gate_set(g, d, centre, n):
+    C = centre[:, None] + 0.1 * torch.randn(d, n, generator=g)  # (d, n)
+    return C
+
+
+def test_fit_gates_batched_equals_one_gate_at_a_time():
+    """k gates of different target counts fitted at once give each gate what fitting it alone gives (each gate's
+    loss is its own; the padding of the smaller target sets must not count)."""
+    g = torch.Generator().manual_seed(3)
+    d = 24
+    P = torch.randn(d, 6000, generator=g)
+    gates = []
+    for n in (30, 70, 45):
+        C = _gate_set(g, d, torch.randn(d, generator=g), n)
+        Q = G.gate_directions(C, 3)
+        gates.append((Q, *G.calibrate(G.scores(Q, C), G.scores(Q, P)), C))
+    Qb, taus = G.fit_gates(torch.stack([q for q, *_ in gates]), [x[1] for x in gates], [x[2] for x in gates],
+                           [x[3] for x in gates], P, steps=80, hard_k=128, sample_k=512)
+    for (Q, gamma, tau, C), Qi, ti in zip(gates, Qb, taus):
+        Q1, g1, t1 = G.fit_gate(Q, gamma, tau, C, P, steps=80, hard_k=128, sample_k=512)
+        assert g1 == 1.0 and not torch.equal(Q1, Q * math.sqrt(gamma))  # it moved
+        assert torch.allclose(Qi, Q1, atol=1e-5, rtol=1e-4) and ti == pytest.approx(t1, rel=1e-5)
+
+
+def test_fit_gates_own_negatives_shut_only_their_gate():
+    """Gate 0's hard negatives (a cloud next to its targets) are passed as its own: gate 0 shuts on held-out ones
+    of that cloud, and gate 1, which never saw them, is fitted exactly as without them."""
+    g = torch.Generator().manual_seed(4)
+    d = 16
+    e = torch.eye(d)
+    C0, C1 = _gate_set(g, d, e[0] + 0.5 * e[1], 64), _gate_set(g, d, e[2], 64)
+    H0, H0_test = _gate_set(g, d, e[0] + 0.1 * e[1], 40), _gate_set(g, d, e[0] + 0.1 * e[1], 64)
+    P = torch.randn(d, 4000, generator=g)
+    Q = torch.stack([G.gate_directions(C, 1) for C in (C0, C1)])  # (2, d, 1)
+    cal = [G.calibrate(G.scores(q, C), G.scores(q, P)) for q, C in zip(Q, (C0, C1))]
+
+    def fit(neg):
+        return G.fit_gates(Q, [c[0] for c in cal], [c[1] for c in cal], [C0, C1], P, neg, steps=400, hard_k=64,
+                           sample_k=1024)
+
+    def fires(Qi, tau, X):  # fraction of columns X the fitted gate (γ = 1) opens on
+        return float((torch.sigmoid(G.scores(Qi, X) - tau) > 0.5).float().mean())
+
+    (Qa, ta), (Qn, tn) = fit([H0, None]), fit(None)
+    assert fires(Qn[0], tn[0], H0_test) > 0.5  # without them gate 0 opens on that cloud
+    assert fires(Qa[0], ta[0], H0_test) <= 0.05 and fires(Qa[0], ta[0], C0) >= 0.95
+    assert torch.allclose(Qa[1], Qn[1], atol=1e-6) and ta[1] == pytest.approx(tn[1])

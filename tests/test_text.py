@@ -115,3 +115,18 @@ def test_gate_data_keeps_only_prompts_that_fit_the_context(tiny_components):
     short, long = "a red dog", "a " + " ".join(["red"] * n) + " dog"
     assert dm._fitting([short, long, short]) == [short, short]
     assert dm._fitting([]) == []  # data.gate_long_prompts=0
+
+
+def test_pseudo_words_are_name_like_non_words_of_the_tokenizers_pieces(tiny_components):
+    from ace_lightning.data.prompts import pseudo_words
+
+    tok = tiny_components.tokenizer
+    words = pseudo_words(tok, 500, seed=0)
+    assert len(words) == 500 and len({w for w, _ in words}) == 500
+    vocab = tok.get_vocab()
+    for w, pieces in words:
+        ids = tok(w, add_special_tokens=False)["input_ids"]
+        assert 5 <= len(w) <= 10 and w.isalpha() and f"{w}</w>" not in vocab, w
+        assert 2 <= len(ids) <= 3 and "".join(pieces) == w, (w, pieces)  # the pieces the tokenizer really splits
+    assert pseudo_words(tok, 500, seed=0) == words and pseudo_words(tok, 500, seed=1) != words
+    assert pseudo_words(tok, 0, seed=0) == []

@@ -277,3 +277,24 @@ def test_adversarial_gate_refit_opens_the_gate_on_what_the_inner_attack_found(ti
     assert plain["ace_adv_gate_pos"] == {}
     g_refit, g_plain = _gate_values(refit["state_dict"], "dog", pool), _gate_values(plain["state_dict"], "dog", pool)
     assert g_refit.mean() > 0.8 and g_refit.mean() > g_plain.mean() + 0.3, (g_refit.mean(), g_plain.mean())
+
+
+def test_name_like_negatives_and_steps_per_concept(tiny_model_dir, tmp_path):
+    """``data.gate_hard_pseudo``: each gate's hardest non-words join its hard negatives (recorded with its hard words
+    in prompts.json) and the gates' false-fire rate on held-out non-words is reported; ``trainer.steps_per_concept``
+    scales the step budget with the number of concepts (and config.yaml records the steps run)."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    two = "concepts=[{concept: dog, kind: object, neutral: animal}, {concept: cat, kind: object, neutral: animal}]"
+    m = run(tiny_cfg(tiny_model_dir, tmp_path, two, "trainer.max_steps=1", "trainer.steps_per_concept=2",
+                     "data.gate_hard_words=2", "data.gate_hard_contexts=1", "data.gate_hard_pseudo=3",
+                     "data.gate_pseudo_pool=1000", "adapter.gate_fit_steps=5", "adv.enabled=false"))
+    run_dir = next(p for p in tmp_path.iterdir() if (p / "prompts.json").is_file())
+    assert m["train/global_step"] == 4 and OmegaConf.load(run_dir / "config.yaml").trainer.max_steps == 4
+    report = json.loads((run_dir / "prompts.json").read_text())
+    for c in report["concepts"]:
+        vocab_words, pseudo = c["gate_hard_words"][:2], c["gate_hard_words"][2:]
+        assert len(vocab_words) == 2 and len(pseudo) == 3 and not set(pseudo) & set(vocab_words), c["gate_hard_words"]
+    assert 0.0 <= m["gate/false_fire_names_any"] <= 1.0 and "gate/false_fire_names/dog" in m

@@ -35,5 +35,6 @@ class ClosedFormInit(L.Callback):
 
         what = "closed form" if self.cf.enabled else "LoRA-style init (closed form off)"
         say(f"{what}: {len(dm.concepts)} concept(s), {len(weights)} layers, {dm.P.shape[1]} preserve tokens, "
-            f"{self.stats['_solve_seconds']:.1f} s for the edit, {self.stats['_seconds']:.1f} s with the gates")
+            f"{self.stats['_solve_seconds']:.1f} s for the edit, {self.stats['_seconds']:.1f} s with the gates "
+            f"({self.stats['_gate_fit_seconds']:.1f} s their fits)")
         pl_module.bank.to(pl_module.device)

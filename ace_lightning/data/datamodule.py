@@ -32,6 +32,7 @@ from ace_lightning.data.prompts import (
     mine_neighbours,
     prefixed_prompts,
     preserve_prompts,
+    pseudo_words,
     vocabulary_prompts,
     words_of,
 )
@@ -156,6 +157,7 @@ class ErasureDataModule(L.LightningDataModule):
         self.concepts: list[ConceptData] = []
         self.hard_words: dict[str, list[str]] = {}  # concept -> its gate's hardest vocabulary words
         self._erased_pieces: set[str] | None = None  # last BPE pieces of every erased phrase (never a hard word)
+        self._all_pieces: set[str] | None = None  # all their BPE pieces (no non-word holding one is a negative)
         self._ready = False
 
     # -- setup -------------------------------------------------------------------------------------
@@ -212,6 +214,11 @@ class ErasureDataModule(L.LightningDataModule):
             raise ConfigError(f"data.gate_preserve_tokens must be one of {sorted(masks)}, got {cfg.gate_preserve_tokens!r}")
         self.preserve_mask = masks[cfg.gate_preserve_tokens]
         self.P_ctx = self._context_negatives()  # (d, n_ctx)
+        # name-like non-words: the gates' hardest ones become negatives (hard_negatives), the last 400 are held out
+        pool = pseudo_words(tok, cfg.gate_pseudo_pool if cfg.gate_hard_pseudo > 0 else 0, self.seed)
+        self.pseudo, self.pseudo_heldout = pool[:-400] if len(pool) > 800 else pool, pool[-400:] if len(pool) > 800 else []
+        self.pseudo_tokens = (last_word_states(c.text_encoder, tok, [f"a {w}" for w, _ in self.pseudo]) if self.pseudo
+                              else torch.zeros(0, self.preserve_emb.shape[-1]))  # (n_pseudo, d)
         self.P_gate = torch.cat([pres_tok[self.preserve_mask].T, self.P_vocab_gate, self.P_ctx], 1).contiguous()
         say(f"preservation: {len(self.vocab)} vocabulary words and {len(self.preserve_prompts)} preserve prompts "
             f"encoded, {self.P.shape[1]} tokens ({time.perf_counter() - t0:.1f} s)")
@@ -292,6 +299,10 @@ class ErasureDataModule(L.LightningDataModule):
         pieces = self._erased_pieces
         order = score(self.word_tokens).argsort(descending=True).tolist()
         words = [self.vocab[i] for i in order if self.vocab[i] not in pieces][:k]
+        if cfg.gate_hard_pseudo > 0 and self.pseudo:  # and the non-words nearest it that share no piece with its phrases
+            own = self._phrase_pieces()
+            order = score(self.pseudo_tokens).argsort(descending=True).tolist()
+            words += [self.pseudo[i][0] for i in order if not own & set(self.pseudo[i][1])][: cfg.gate_hard_pseudo]
         self.hard_words[cd.request.concept] = words
         rng = random.Random(f"{self.seed}/hard-negatives/{cd.request.concept}")
         prompts = [fill_template(rng.choice(self.fam.templates[cd.request.kind]), w, self.fam.fields, rng)
@@ -299,6 +310,16 @@ class ErasureDataModule(L.LightningDataModule):
         prompts += self._fitting([p for p, _ in prefixed_prompts(words, self.vocab, cfg.gate_long_prompts,
                                                                  self.seed + 3)])
         return self._gate_tokens(prompts, self.seed + 2)
+
+    def _phrase_pieces(self) -> set[str]:
+        """Every BPE piece (without the word-end marker) of every erased phrase and mined neighbour: a non-word
+        holding one of them is partly the concept, neither a negative nor a false fire. Computed once, after setup."""
+        if self._all_pieces is None:
+            tok = self.components.tokenizer
+            pieces = {t for o in self.concepts for ph in o.request.phrases + [w for w, _ in o.neighbours]
+                      for t in tok.convert_ids_to_tokens(phrase_ids(tok, ph))}
+            self._all_pieces = {t[:-4] if t.endswith("</w>") else t for t in pieces}
+        return self._all_pieces
 
     def _gate_positives(self, req: ErasureRequest, phrases: list[str]) -> torch.Tensor:
         """(d, n) the policy's target tokens of ``data.gate_prompts`` further erase prompts (other template and
@@ -355,6 +376,11 @@ class ErasureDataModule(L.LightningDataModule):
 
         others = last_word_tokens([f"a {rng.choice(words)} {rng.choice(words)} {w}" for w in words])
         fired_any = torch.zeros(len(words), dtype=torch.bool)  # (n_words,): some concept's gate fires on it
+        own = self._phrase_pieces()
+        held = [w for w, pieces in self.pseudo_heldout if not own & set(pieces)]
+        names = (last_word_tokens([f"a {rng.choice(words)} {w}" for w in held]) if held
+                 else None)  # (n_names, d): held-out non-words, the stand-ins for names no dictionary holds
+        names_any = None if names is None else torch.zeros(len(names), dtype=torch.bool)
         for cd in self.concepts:
             ad = bank[cd.request.concept]
             mine = last_word_tokens([f"a {rng.choice(words)} {rng.choice(words)} {cd.request.concept}"
@@ -363,12 +389,18 @@ class ErasureDataModule(L.LightningDataModule):
             fired = (ad.gate(others.to(dev)) > threshold).cpu()  # (n_words,)
             fired_any |= fired
             out[f"gate/false_fire/{slug(cd.request.concept)}"] = float(fired.float().mean())
+            if names is not None:
+                fired = (ad.gate(names.to(dev)) > threshold).cpu()  # (n_names,)
+                names_any |= fired
+                out[f"gate/false_fire_names/{slug(cd.request.concept)}"] = float(fired.float().mean())
             out[f"gate/target_fire/{slug(cd.request.concept)}"] = float((ad.gate(mine.to(dev)) > threshold).float().mean())
         if len(self.concepts) > 1:  # at scale: the worst gate, and the words that any of the n gates edits
             false = [v for k, v in out.items() if k.startswith("gate/false_fire/")]
             target = [v for k, v in out.items() if k.startswith("gate/target_fire/")]
             out |= {"gate/false_fire_mean": sum(false) / len(false), "gate/false_fire_max": max(false),
                     "gate/false_fire_any": float(fired_any.float().mean()), "gate/target_fire_min": min(target)}
+        if names_any is not None:
+            out["gate/false_fire_names_any"] = float(names_any.float().mean())
         return out
 
     def prompt_report(self) -> dict:

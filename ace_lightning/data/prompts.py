@@ -192,6 +192,38 @@ def candidate_words(tokenizer, vocab_limit: int, banned: set[str]) -> list[str]:
     return words
 
 
+def pseudo_words(tokenizer, n: int, seed: int, max_pieces: int = 3) -> list[tuple[str, tuple[str, ...]]]:
+    """Up to ``n`` name-like non-words, each with its BPE pieces: a word-start piece, half the time a second one,
+    then a word-end piece (lower-case ASCII, 2-5 letters each) of the tokenizer's own vocabulary, kept when the
+    result (5-10 letters) is no vocabulary word and splits into 2..``max_pieces`` pieces. They stand for what a dictionary does
+    not hold and a model still learned: names of people, characters, brands. Nothing here knows a model's names;
+    [] for a tokenizer without CLIP's word-end marker (``</w>``)."""
+    vocab = tokenizer.get_vocab()
+
+    def ok(piece):
+        return piece.isascii() and piece.isalpha() and piece.islower() and 2 <= len(piece) <= 5
+
+    ends = sorted(t[:-4] for t in vocab if t.endswith("</w>") and ok(t[:-4]))
+    starts = sorted(t for t in vocab if not t.endswith("</w>") and ok(t))
+    if n <= 0 or not ends or not starts:
+        return []
+    rng = random.Random(f"{seed}/pseudo-words")
+    out, seen = [], set()
+    for _ in range(20):  # rounds of candidates; a round keeps most of them
+        cands = []
+        while len(cands) < 2 * (n - len(out)):
+            w = rng.choice(starts) + (rng.choice(starts) if rng.random() < 0.5 else "") + rng.choice(ends)
+            if w not in seen and f"{w}</w>" not in vocab and 5 <= len(w) <= 10:
+                seen.add(w)
+                cands.append(w)
+        for w, ids in zip(cands, tokenizer(cands, add_special_tokens=False)["input_ids"]):
+            if 2 <= len(ids) <= max_pieces and len(out) < n:
+                out.append((w, tuple(t[:-4] if t.endswith("</w>") else t for t in tokenizer.convert_ids_to_tokens(ids))))
+        if len(out) >= n:
+            break
+    return out
+
+
 def mine_neighbours(
     text_encoder, tokenizer, req: ErasureRequest, k: int, vocab_limit: int, exclude: set[str] | list[str],
     cache_dir: Path | None, min_z: float = 3.0, model_key: str = "",

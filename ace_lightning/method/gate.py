@@ -140,47 +140,106 @@ def svd_strategy(P: torch.Tensor, q: int, project_out: int, **_unused):
 def fit_gate(Q: torch.Tensor, gamma: float, tau: float, C: torch.Tensor, P: torch.Tensor, steps: int = 200,
              lr: float = 0.02, hard_k: int = 1024, sample_k: int = 4096, mine_every: int = 10, seed: int = 0,
              C_extra: torch.Tensor | None = None) -> tuple[torch.Tensor, float, float]:
-    """Refine a calibrated gate against its hardest negatives; returns (Q (d, q), γ, τ) of the same gate form.
+    """Refine one calibrated gate against its hardest negatives; returns (Q (d, q), γ, τ) of the same gate form.
 
     Calibration sets τ between the targets and a *quantile* of the preserve tokens, so up to 1 % of them (on a
     CLIP-size vocabulary thousands of tokens: the nouns nearest the concept, the padding after them) stay open,
     and those are exactly the tokens whose images an erasure damages. This fits ``Q`` and the threshold with
     ``BCE(g(targets), 1) + BCE(g(hardest negatives), 0) + BCE(g(random negatives), 0)`` (each a mean), the
     hardest ``hard_k`` of all of ``P`` re-mined every ``mine_every`` steps. Measured on ToyWorld, margins on the
-    logits (targets past 0.95, negatives below 0.05) helped one concept and hurt three at once; not kept. γ is folded into Q (``Q√γ``), so
-    ``g = sigmoid(||Qᵀĉ||² − τ')`` with γ = 1 on return; Q is then no longer orthonormal in any metric.
+    logits (targets past 0.95, negatives below 0.05) helped one concept and hurt three at once; not kept. γ is folded
+    into Q (``Q√γ``), so ``g = sigmoid(||Qᵀĉ||² − τ')`` with γ = 1 on return; Q is then no longer orthonormal in any
+    metric.
 
     C (d, n): target tokens; P (d, m): negative tokens (both any norm; the gate sees unit columns). ``C_extra``
     (d, n_x): more positives with a BCE term of their own (a mean of equal weight to the targets'), so that a few
     of them (the adversarial tokens of :meth:`ErasureSystem.refit_gates`) are not drowned by thousands of targets.
+    The one-gate case of :func:`fit_gates`.
     """
     if steps <= 0:
         return Q, gamma, tau
-    g = torch.Generator().manual_seed(seed)
-    def unit_rows(X):  # (d, n) columns -> (n, d) unit rows, float32
-        return _unit_cols(X).float().T.contiguous()
+    Qs, taus = fit_gates(Q[None], [gamma], [tau], [C], P, steps=steps, lr=lr, hard_k=hard_k, sample_k=sample_k,
+                         mine_every=mine_every, seed=seed, extra_pos=None if C_extra is None else [C_extra])
+    return Qs[0], 1.0, taus[0]
 
-    Ct, Pt = unit_rows(C), unit_rows(P)  # (n, d), (m, d)
-    Xt = None if C_extra is None or not C_extra.numel() else unit_rows(C_extra)  # (n_x, d)
-    Qp = (Q.double() * math.sqrt(max(gamma, 1e-12))).float().clone().requires_grad_(True)  # (d, q)
-    b0 = float(gamma * tau)
-    b = torch.tensor(b0, requires_grad=True)  # γτ: the threshold in the folded form
-    scale = float(Qp.detach().abs().mean().clamp_min(1e-8))  # Adam steps relative to the entries' size
-    opt = torch.optim.Adam([{"params": [Qp], "lr": lr * scale}, {"params": [b], "lr": lr * max(abs(b0), 1.0)}])
+
+def _padded_unit_rows(Xs: list, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Columns of each (d, n_i) (or None) as unit rows, zero-padded: (k, n_max, d) float32 and mask (k, n_max)."""
+    n = max([0 if X is None else X.shape[1] for X in Xs] + [1])
+    rows, mask = torch.zeros(len(Xs), n, d), torch.zeros(len(Xs), n, dtype=torch.bool)
+    for i, X in enumerate(Xs):
+        if X is not None and X.numel():
+            rows[i, : X.shape[1]] = _unit_cols(X).float().T
+            mask[i, : X.shape[1]] = True
+    return rows, mask
+
+
+def _scores_rows(X: torch.Tensor, Q: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
+    """(m, k): ``||Q_iᵀ x||²`` of every unit row x of X (m, d) under every gate Q (k, d, q), in row chunks (one
+    matmul against all k gates at once: the mining pass over a 300k-token preserve set is the fit's main cost)."""
+    k, d, q = Q.shape
+    Qf = Q.permute(1, 0, 2).reshape(d, k * q)  # (d, k q)
+    return torch.cat([(X[i : i + chunk] @ Qf).view(-1, k, q).pow(2).sum(-1) for i in range(0, len(X), chunk)])
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(k,) mean of x (k, n) over mask (k, n); 0 where a row has none."""
+    return (x * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+
+def fit_gates(Q: torch.Tensor, gammas, taus, pos: list, P: torch.Tensor, neg: list | None = None, steps: int = 200,
+              lr: float = 0.02, hard_k: int = 1024, sample_k: int = 4096, mine_every: int = 10, seed: int = 0,
+              extra_pos: list | None = None) -> tuple[torch.Tensor, list[float]]:
+    """Fit k calibrated gates at once (:func:`fit_gate` per gate, batched); returns (Q (k, d, q), τ' list).
+
+    Q (k, d, q): the gates' directions; gammas, taus: k floats; pos: k target sets (d, n_i); P (d, m): the negatives
+    every gate shares; neg: k extra negative sets (d, h_i) or None, each only its own gate's (its hard negatives);
+    extra_pos: k sets of further positives (d, x_i) or None (:func:`fit_gate`'s ``C_extra``).
+
+    Each gate's loss is its own (the three or four means of :func:`fit_gate`); the sum over gates is minimised, so
+    every gate gets exactly its own gradient. Adam runs on Q_i / s_i and b_i / s'_i, which gives each gate the step
+    size :func:`fit_gate` gives it (Adam is invariant to a gradient's scale). Shared work: P is normalised once, its
+    hardest rows are mined for every gate in one matmul (re-mined every ``mine_every`` steps), and one random
+    sample of P per step serves every gate. Gate i's hardest negatives come from P ∪ neg_i; its random ones from P.
+    """
+    k, d, q = Q.shape
+    if steps <= 0:
+        return Q, [float(t) for t in taus]
+    g = torch.Generator().manual_seed(seed)
+    Pt = _unit_cols(P).float().T.contiguous()  # (m, d), shared
+    Ct, c_mask = _padded_unit_rows(pos, d)  # (k, n, d), (k, n)
+    Ht, h_mask = _padded_unit_rows(neg if neg is not None else [None] * k, d)  # (k, h, d), (k, h)
+    Xt, x_mask = _padded_unit_rows(extra_pos if extra_pos is not None else [None] * k, d)  # (k, x, d)
+    has_x = x_mask.any(1).float()  # (k,): gates with a term for extra positives
+    gam = torch.tensor([max(float(v), 1e-12) for v in gammas], dtype=torch.float64)
+    Q0 = (Q.double() * gam.sqrt()[:, None, None]).float()  # (k, d, q): γ folded in
+    b0 = (gam * torch.tensor([float(t) for t in taus], dtype=torch.float64)).float()  # (k,) γτ: the threshold
+    q_scale = Q0.abs().mean((1, 2)).clamp_min(1e-8)  # (k,) Adam steps relative to each gate's entries
+    b_scale = b0.abs().clamp_min(1.0)  # (k,)
+    Z = (Q0 / q_scale[:, None, None]).clone().requires_grad_(True)
+    zb = (b0 / b_scale).clone().requires_grad_(True)
+    opt = torch.optim.Adam([Z, zb], lr=lr)
+    m, n_hard = len(Pt), min(hard_k, len(Pt))  # every pool P ∪ neg_i has at least m real rows
     F = torch.nn.functional
+
+    def logits(rows, Qp, b):  # rows (k, n, d) -> (k, n) gate logits
+        return torch.bmm(rows, Qp).pow(2).sum(-1) - b[:, None]
+
     with torch.enable_grad():  # callers initialise adapters under no_grad
         for step in range(steps):
+            Qp, b = Z * q_scale[:, None, None], zb * b_scale  # (k, d, q), (k,)
             if step % mine_every == 0:
-                with torch.no_grad():  # (m,) logits up to b, which shifts every one alike: ordering only
-                    hard = (Pt @ Qp).pow(2).sum(-1).topk(min(hard_k, len(Pt))).indices
-            rand = torch.randint(len(Pt), (min(sample_k, len(Pt)),), generator=g)
-            l_pos = (Ct @ Qp).pow(2).sum(-1) - b  # (n,)
-            l_hard = (Pt[hard] @ Qp).pow(2).sum(-1) - b  # (hard_k,)
-            l_rand = (Pt[rand] @ Qp).pow(2).sum(-1) - b  # (sample_k,)
-            loss = F.softplus(-l_pos).mean() + F.softplus(l_hard).mean() + F.softplus(l_rand).mean()
-            if Xt is not None:
-                loss = loss + F.softplus(-((Xt @ Qp).pow(2).sum(-1) - b)).mean()
+                with torch.no_grad():  # ordering only: b shifts a gate's logits alike
+                    s = torch.cat([_scores_rows(Pt, Qp).T, logits(Ht, Qp, torch.zeros(k)).masked_fill(~h_mask, -1.0)], 1)
+                    idx = s.topk(n_hard, dim=1).indices  # (k, n_hard) into P ∪ neg_i
+                    hard = torch.where((idx < m)[..., None], Pt[idx.clamp(max=m - 1)],
+                                       Ht.gather(1, (idx - m).clamp(min=0)[..., None].expand(-1, -1, d)))  # (k, n_hard, d)
+            rand = Pt[torch.randint(m, (min(sample_k, m),), generator=g)]  # (s, d), every gate's random negatives
+            l_rand = _scores_rows(rand, Qp, chunk=len(rand)).T - b[:, None]  # (k, s)
+            loss = (_masked_mean(F.softplus(-logits(Ct, Qp, b)), c_mask) + F.softplus(logits(hard, Qp, b)).mean(1)
+                    + F.softplus(l_rand).mean(1) + has_x * _masked_mean(F.softplus(-logits(Xt, Qp, b)), x_mask))
             opt.zero_grad()
-            loss.backward()
+            loss.sum().backward()
             opt.step()
-    return Qp.detach(), 1.0, float(b.detach())
+    with torch.no_grad():
+        return (Z * q_scale[:, None, None]).detach().contiguous(), [float(v) for v in zb * b_scale]

@@ -13,6 +13,8 @@ from ace_lightning.method.adapter import AdapterBank
 from ace_lightning.method.closed_form import EditedWeights, preserve_factor, solve_concepts
 from ace_lightning.registry import build
 
+GATE_FIT_BATCH = 16  # gates fitted at once: their own negatives (~30k tokens each) are held together while they fit
+
 
 def initialize_bank(bank: AdapterBank, weights: dict[str, torch.Tensor], concepts, P: torch.Tensor, cf, acfg,
                     P_gate: torch.Tensor | None = None, hard_negatives=None, fit_sets: dict | None = None) -> dict:
@@ -38,6 +40,7 @@ def initialize_bank(bank: AdapterBank, weights: dict[str, torch.Tensor], concept
     stats = {}
     solved = solve_concepts(stacked, [(cd.C, cd.N) for cd in concepts], factor, cf.s_e, acfg.rank) if cf.enabled else None
     solve_seconds = time.perf_counter() - t0  # the closed-form edit of every concept; the gates follow
+    fits = []  # (concept data, adapter, positives, γ, τ) of the gates fitted below, GATE_FIT_BATCH at a time
     for i, cd in enumerate(concepts):
         name = cd.request.concept
         if solved is not None:
@@ -59,27 +62,44 @@ def initialize_bank(bank: AdapterBank, weights: dict[str, torch.Tensor], concept
             s_t, s_p = G.scores(ad.Q, cd.C), G.scores(ad.Q, P_hat, unit=True)
             # calibrated even when ungated (unused then: that gate is exactly 1), so a file can be re-gated
             gamma, tau = G.calibrate(s_t, s_p, target_gate=acfg.gate_target)
-            if acfg.gate_fit_steps and not acfg.ungated:
-                pos = cd.C if cd.gate_pos is None else torch.cat([cd.C, cd.gate_pos], 1)  # (d, n + n_g)
-                neg = P_gate if hard_negatives is None else torch.cat(
-                    [P_gate, hard_negatives(cd, lambda X, Q=ad.Q: G.scores(Q, X.T))], 1)  # (d, m + n_h)
-                Qf, gamma, tau = G.fit_gate(ad.Q, gamma, tau, pos, neg, steps=acfg.gate_fit_steps, seed=i)
-                ad.Q = Qf.contiguous()
-                if fit_sets is not None:
-                    fit_sets[name] = (pos, neg)
-            ad.gamma.fill_(gamma)
-            ad.tau.fill_(tau)
-            g_pres = ad.gate(P_gate.T)  # (m',)
             stats[name] = {
-                "rank": A.shape[0], "energy_kept": energy, "gamma": gamma, "tau": tau,
-                "gate_target_mean": float(ad.gate(cd.C.T).mean()), "gate_preserve_mean": float(g_pres.mean()),
-                "gate_preserve_max": float(g_pres.max()),
+                "rank": A.shape[0], "energy_kept": energy,
                 "score_target_q05_q50": [float(torch.quantile(s_t.double(), q)) for q in (0.05, 0.5)],
                 "score_preserve_q50_q99": [float(torch.quantile(s_p.double(), q)) for q in (0.5, 0.99)],
             }
+            if acfg.gate_fit_steps and not acfg.ungated:
+                pos = cd.C if cd.gate_pos is None else torch.cat([cd.C, cd.gate_pos], 1)  # (d, n + n_g)
+                fits.append((cd, ad, pos, gamma, tau))
+            else:
+                ad.gamma.fill_(gamma)
+                ad.tau.fill_(tau)
         if acfg.ungated:
             ad.gamma.requires_grad_(False)
             ad.tau.requires_grad_(False)
+    t_fit = time.perf_counter()
+    for j in range(0, len(fits), GATE_FIT_BATCH):  # one normalisation and mining pass of P_gate per batch of gates
+        batch = fits[j : j + GATE_FIT_BATCH]
+        own = [None if hard_negatives is None else hard_negatives(cd, lambda X, Q=ad.Q: G.scores(Q, X.T))
+               for cd, ad, *_ in batch]  # (d, n_h) each: the concept's hardest negatives, its gate's alone
+        Qf, taus = G.fit_gates(torch.stack([ad.Q for _, ad, *_ in batch]), [f[3] for f in batch],
+                               [f[4] for f in batch], [f[2] for f in batch], P_gate, own, steps=acfg.gate_fit_steps)
+        with torch.no_grad():
+            for (cd, ad, pos, *_), Q, tau, neg in zip(batch, Qf, taus, own):
+                ad.Q = Q.contiguous()
+                ad.gamma.fill_(1.0)
+                ad.tau.fill_(tau)
+                if fit_sets is not None:  # a refit sees every negative this fit saw
+                    fit_sets[cd.request.concept] = (pos, P_gate if neg is None else torch.cat([P_gate, neg], 1))
+    fit_seconds = time.perf_counter() - t_fit
+    with torch.no_grad():
+        for cd in concepts:
+            name = cd.request.concept
+            ad = bank[name]
+            g_pres = ad.gate(P_gate.T)  # (m',)
+            stats[name].update({
+                "gamma": float(ad.gamma), "tau": float(ad.tau), "gate_target_mean": float(ad.gate(cd.C.T).mean()),
+                "gate_preserve_mean": float(g_pres.mean()), "gate_preserve_max": float(g_pres.max())})
+    stats["_gate_fit_seconds"] = fit_seconds
     stats["_seconds"] = time.perf_counter() - t0
     stats["_solve_seconds"] = solve_seconds
     return stats

@@ -32,6 +32,7 @@ class AceMethod:
         out = datamodule.heldout_gate_rates(system.bank)
         out["closed_form/seconds"] = float(self.stats().get("_seconds", float("nan")))  # solve + gates
         out["closed_form/solve_seconds"] = float(self.stats().get("_solve_seconds", float("nan")))  # the edit only
+        out["closed_form/gate_fit_seconds"] = float(self.stats().get("_gate_fit_seconds", float("nan")))  # all gates
         return out
 
     def stats(self):
@@ -39,5 +40,5 @@ class AceMethod:
 
 
 for _name in ("ace", "ace_ungated", "ace_no_closed_form", "ace_closed_form_only", "ace_no_adv", "ace_eta0", "ace_adv_gate",
-              "uce"):
+              "ace_many", "uce"):
     register("method", _name)(AceMethod)
