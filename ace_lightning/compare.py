@@ -112,6 +112,13 @@ def same_run(old_yaml: str, wanted, defaults) -> bool:
 _MISSING = object()
 
 
+def wanted_config(args: list[str]):
+    """The config a method's training run with these overrides will record (steps scaled as ``train.run`` does)."""
+    from ace_lightning.config import load_config, scale_steps
+
+    return scale_steps(load_config(args))
+
+
 def train_all(cfg: CompareConfig, out: Path) -> dict[str, Path]:
     """Train (or reuse) every method, each in its own process (so that its peak memory is its own and a failing
     method is reported, not fatal to the others); returns method -> run folder of those that finished."""
@@ -126,7 +133,7 @@ def train_all(cfg: CompareConfig, out: Path) -> dict[str, Path]:
                 "logger.wandb=false", "grid.enabled=false", "trainer.enable_progress_bar=false", "overwrite=true",
                 *([f"model.path={cfg.model}"] if cfg.model else []), f"trainer.devices={cfg.devices}", *cfg.train,
                 *cfg.per_method.get(m, [])]
-        wanted = load_config(args)  # bad keys fail here, before any training
+        wanted = wanted_config(args)  # bad keys fail here, before any training
         run_dir = out / "runs" / m
         done = (run_dir / "adapter.safetensors").is_file() and (run_dir / "config.yaml").is_file()
         if done and same_run((run_dir / "config.yaml").read_text(), wanted, defaults):

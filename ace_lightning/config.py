@@ -100,6 +100,8 @@ class DataCfg:
     gate_hard_contexts: int = 32
     gate_long_prompts: int = 0
     gate_hard_pseudo: int = 0
+    gate_hard_modifiers: int = 0
+    preserve_pseudo: int = 0
     gate_pseudo_pool: int = 20000
     timesteps: dict[str, Any] = field(default_factory=lambda: {"name": "uniform"})
     cache_dir: str = ".cache/ace"
@@ -246,6 +248,7 @@ RANGES = [
     ("adapter.gate_hard_rounds", lambda v: v >= 0, ">= 0"), ("adapter.gate_fit_steps", lambda v: v >= 0, ">= 0"),
     ("data.gate_prompts", lambda v: v >= 0, ">= 0"), ("data.gate_hard_words", lambda v: v >= 0, ">= 0"),
     ("data.gate_hard_pseudo", lambda v: v >= 0, ">= 0"), ("data.gate_pseudo_pool", lambda v: v >= 0, ">= 0"),
+    ("data.gate_hard_modifiers", lambda v: v >= 0, ">= 0"), ("data.preserve_pseudo", lambda v: v >= 0, ">= 0"),
     ("data.gate_hard_contexts", lambda v: v >= 1, ">= 1"),
     ("data.gate_long_prompts", lambda v: v >= 0, ">= 0"), ("adapter.gate_target", lambda v: 0.5 < v < 1, "in (0.5, 1)"),
     ("closed_form.lam", lambda v: v > 0, "> 0"), ("closed_form.s_e", lambda v: v >= 0, ">= 0"),
@@ -309,6 +312,15 @@ def eval_args(cfg: DictConfig, adapter, out) -> list[str]:
     args += [f"{k}={getattr(e, k)}" for k in ("classes", "templates", "images_per_prompt", "attacks")
              if getattr(e, k) is not None]
     return args + [str(a) for a in e.args]
+
+
+def scale_steps(cfg: DictConfig) -> DictConfig:
+    """``trainer.steps_per_concept`` > 0 raises ``trainer.max_steps`` to that many steps per concept (in place; the
+    run's config.yaml records the steps run, and a compare's reuse check compares against the same). Returns cfg."""
+    t = cfg.trainer
+    if t.steps_per_concept > 0:
+        t.max_steps = max(t.max_steps, t.steps_per_concept * len(cfg.concepts))
+    return cfg
 
 
 def presets() -> list[str]:

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from ace_lightning.callbacks.cost import CostMeter
 from ace_lightning.callbacks.image_grid import ImageGrid
 from ace_lightning.callbacks.progress import ErasureProgressBar
-from ace_lightning.config import load_config
+from ace_lightning.config import load_config, scale_steps
 from ace_lightning.data.datamodule import ErasureDataModule
 from ace_lightning.data.prompts import ErasureRequest
 from ace_lightning.method.adapter import concepts_slug
@@ -50,8 +50,7 @@ def run(cfg) -> dict:
     quiet_known_notices()
     t = cfg.trainer
     requests = [ErasureRequest(**OmegaConf.to_container(c)) for c in cfg.concepts]
-    if t.steps_per_concept > 0:  # the step budget grows with the erased set (config.yaml records the steps run)
-        t.max_steps = max(t.max_steps, t.steps_per_concept * len(requests))
+    scale_steps(cfg)  # the step budget grows with the erased set (config.yaml records the steps run)
     name = cfg.name or concepts_slug([r.concept for r in requests])
     if not cfg.name and os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_RUN_ID"):
         name += f"-{os.environ['WANDB_RUN_ID']}"  # a wandb agent's runs: one folder each

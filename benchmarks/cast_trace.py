@@ -39,7 +39,7 @@ def main(overrides: list[str]) -> dict:
         return float((pred == clf.labels["style"].index(label)).float().mean())
 
     apply_adapter(pipe, f"{out}/{erased}/adapter.safetensors")
-    return {"assets": str(T.PIPELINE_DIR), "overrides": overrides, "erased": style_acc(erased, erased),
+    return {"assets": str(T.PIPELINE_DIR), "adapter": f"{out}/{erased}/adapter.safetensors", "overrides": overrides, "erased": style_acc(erased, erased),
             "synonym": style_acc(STYLES[erased][0], erased), "kept": {s: style_acc(s, s) for s in STYLES if s != erased},
             "gate_target_fire": metrics.get(f"gate/target_fire/{erased}"),
             "gate_false_fire": metrics.get(f"gate/false_fire/{erased}")}

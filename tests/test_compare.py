@@ -133,3 +133,20 @@ def test_scale_curve_reads_points_from_compare_runs(tmp_path):
     curves = sc.points(paths)
     assert list(curves) == ["ace"] and curves["ace"] == [(1, 95.0, 90.0, 97.0, 10.0), (10, 85.0, 80.0, 87.0, 100.0)]
     assert sc.plot(curves, "H_c", tmp_path / "curve.png").stat().st_size > 0
+
+
+def test_finished_run_with_steps_per_concept_is_reused():
+    """``trainer.steps_per_concept`` raises max_steps to k·n, and config.yaml records the steps run; the compare's
+    reuse check must compare against that, not against the unscaled max_steps (found when every ``ace_many`` run
+    at 100 names was retrained: 1000 recorded against 200 asked)."""
+    from omegaconf import OmegaConf
+
+    from ace_lightning.compare import same_run, wanted_config
+    from ace_lightning.config import load_config, scale_steps
+
+    args = ["concept=circle,square", "trainer.steps_per_concept=150"]
+    written = scale_steps(load_config(args))  # what train.run records
+    assert written.trainer.max_steps == 300
+    defaults = load_config(["concept=circle"])
+    assert same_run(OmegaConf.to_yaml(written), wanted_config(args), defaults)
+    assert not same_run(OmegaConf.to_yaml(written), wanted_config([*args[:1], "trainer.steps_per_concept=100"]), defaults)

@@ -130,3 +130,15 @@ def test_pseudo_words_are_name_like_non_words_of_the_tokenizers_pieces(tiny_comp
         assert 2 <= len(ids) <= 3 and "".join(pieces) == w, (w, pieces)  # the pieces the tokenizer really splits
     assert pseudo_words(tok, 500, seed=0) == words and pseudo_words(tok, 500, seed=1) != words
     assert pseudo_words(tok, 0, seed=0) == []
+
+
+def test_phrase_pieces_are_the_tokenizers_pieces_without_word_end_markers(tiny_components):
+    from ace_lightning.data.prompts import phrase_pieces
+
+    tok = tiny_components.tokenizer
+    for phrase in ("a red dotted circle", "cruciform", "zorblax"):
+        tokens = tok.convert_ids_to_tokens(tok(phrase, add_special_tokens=False)["input_ids"])
+        pieces = phrase_pieces(tok, phrase)
+        assert len(pieces) == len(tokens) and all("</w>" not in p for p in pieces), (phrase, pieces)
+        assert "".join(pieces) == phrase.replace(" ", ""), (phrase, pieces)
+        assert phrase_pieces(tok, phrase, last_only=True) == pieces[-1:]

@@ -300,3 +300,78 @@ def test_name_like_negatives_and_steps_per_concept(tiny_model_dir, tmp_path):
         vocab_words, pseudo = c["gate_hard_words"][:2], c["gate_hard_words"][2:]
         assert len(vocab_words) == 2 and len(pseudo) == 3 and not set(pseudo) & set(vocab_words), c["gate_hard_words"]
     assert 0.0 <= m["gate/false_fire_names_any"] <= 1.0 and "gate/false_fire_names/dog" in m
+
+
+def test_name_like_preserve_prompts_are_the_fitted_gates_nearest_nonwords(tiny_model_dir, tmp_path):
+    """``data.preserve_pseudo``: per concept, the k non-words its *fitted* gate opens to most (none sharing a piece
+    with an erased phrase) become preserve prompts of the fine-tuning (recorded in prompts.json)."""
+    import json
+
+    from ace_lightning.data.prompts import pseudo_words
+    from ace_lightning.method.text import last_word_states
+    from ace_lightning.models.loading import load_components
+
+    two = "concepts=[{concept: dog, kind: object, neutral: animal}, {concept: cat, kind: object, neutral: animal}]"
+    run(tiny_cfg(tiny_model_dir, tmp_path, two, "trainer.max_steps=1", "data.preserve_pseudo=3",
+                 "data.gate_pseudo_pool=1000", "adapter.gate_fit_steps=5", "adv.enabled=false", "seed=0"))
+    run_dir = next(p for p in tmp_path.iterdir() if (p / "prompts.json").is_file())
+    prompts = json.loads((run_dir / "prompts.json").read_text())["name_preserve_prompts"]
+    assert len(prompts) == 6, prompts
+    comps = load_components(str(tiny_model_dir))
+    pool = pseudo_words(comps.tokenizer, 1000, 0)[:-400]  # the DataModule's pool without its held-out 400
+    allowed = [w for w, pieces in pool if not {"dog", "cat", "animal"} & set(pieces)]
+    X = last_word_states(comps.text_encoder, comps.tokenizer, [f"a {w}" for w in allowed])  # (n, d)
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    for i, key in enumerate(("dog", "cat")):
+        top = [allowed[j] for j in _gate_values(state, key, X).topk(3).indices.tolist()]
+        chosen = prompts[3 * i : 3 * i + 3]
+        assert all(any(p.endswith(w) or f" {w} " in f" {p} " for p in chosen) for w in top), (key, top, chosen)
+
+
+def test_the_dataset_draws_half_its_preserve_rows_from_the_name_like_prompts():
+    """With name-like preserve prompts, about half the preserve rows carry one of them (on a preserve latent);
+    without them every row is a generic preserve prompt."""
+    from types import SimpleNamespace
+
+    from ace_lightning.data.datamodule import ErasureDataModule, ErasureDataset
+
+    T, d = 5, 4
+    cd = SimpleNamespace(ids=torch.zeros(2, T, dtype=torch.long), span=torch.zeros(2, 2, dtype=torch.long),
+                         emb=torch.zeros(2, T, d), emb_neu=torch.zeros(2, T, d), target_mask=torch.ones(2, T, dtype=torch.bool),
+                         latents=torch.zeros(3, 1, 2, 2), prompts=["x", "y"])
+    dm = SimpleNamespace(seed=0, concepts=[cd], preserve_latents=torch.randn(4, 1, 2, 2), preserve_emb=torch.zeros(4, T, d),
+                         preserve_mask=torch.ones(4, T, dtype=torch.bool), preserve_ids=torch.zeros(4, T, dtype=torch.long),
+                         timesteps=lambda n, generator, num_train_timesteps: torch.zeros(n, dtype=torch.long),
+                         num_train_timesteps=1000, name_preserve=None,
+                         NAME_PRESERVE_SHARE=ErasureDataModule.NAME_PRESERVE_SHARE)
+    plain = [ErasureDataset(dm, 400)[i]["emb_p"].sum() for i in range(400)]
+    assert all(float(v) == 0.0 for v in plain)
+    dm.name_preserve = (torch.ones(3, T, d), torch.ones(3, T, dtype=torch.bool), torch.ones(3, T, dtype=torch.long))
+    share = sum(float(ErasureDataset(dm, 400)[i]["emb_p"].sum()) > 0 for i in range(400)) / 400
+    assert 0.4 < share < 0.6, share
+
+
+def test_hard_word_modifiers_open_the_gate_on_the_concept_after_its_hard_words(tiny_model_dir, tmp_path):
+    """``data.gate_hard_modifiers``: the concept after each of its first hard words ("a <hard word> dog") joins its
+    gate's positives (prompts.json lists them); the fitted gate then opens on the concept's token there, where the
+    same fit without them (same seed, same hard words as negatives) opens less."""
+    import json
+
+    from ace_lightning.method.text import last_word_states
+    from ace_lightning.models.loading import load_components
+
+    how = ["trainer.max_steps=1", "data.gate_hard_words=4", "data.gate_hard_contexts=8", "adapter.gate_fit_steps=60",
+           "adv.enabled=false"]
+    run(tiny_cfg(tiny_model_dir, tmp_path / "with", *how, "data.gate_hard_modifiers=4"))
+    run(tiny_cfg(tiny_model_dir, tmp_path / "without", *how))
+    report = json.loads((tmp_path / "with" / "dog" / "prompts.json").read_text())["concepts"][0]
+    prompts, words = report["gate_hard_positives"], report["gate_hard_words"][:4]
+    phrases = ["dog", *report["synonyms"]]
+    hits = [(p, f"{w} {ph}") for p in prompts for w in words for ph in phrases if f" {w} {ph}" in f" {p} "]
+    assert len(prompts) == 4 and {h.split()[0] for _, h in hits} == set(words), (words, prompts)
+    comps = load_components(str(tiny_model_dir))
+    ends = [p[: p.index(h) + len(h)] for p, h in hits]  # up to the concept: its state is the last word's
+    X = last_word_states(comps.text_encoder, comps.tokenizer, ends)  # (n, d)
+    g = {k: _gate_values(torch.load(tmp_path / k / "dog" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"],
+                         "dog", X) for k in ("with", "without")}
+    assert g["with"].mean() > 0.9 and g["with"].mean() > g["without"].mean() + 0.05, (g["with"], g["without"])

@@ -20,6 +20,7 @@ class ClosedFormInit(L.Callback):
         dm.setup(stage)
         pl_module.set_gate_vocabulary(dm.P_vocab_gate.T)  # (n_v, d): gate negatives from the model's vocabulary
         if len(pl_module.bank.concepts):  # already initialised (a second fit, or a resumed module)
+            self._name_preserves(dm, pl_module)
             return
         from ace_lightning.method.adapter import base_weights
 
@@ -28,7 +29,7 @@ class ClosedFormInit(L.Callback):
         # concept's negatives hold the whole preserve set: 10.6 GB at 10 concepts when they were always kept)
         fit_sets: dict | None = {} if pl_module.adv.gate_refit_steps else None
         self.stats = initialize_bank(pl_module.bank, weights, dm.concepts, dm.P, self.cf, self.acfg, dm.P_gate,
-                                     dm.hard_negatives, fit_sets)
+                                     dm.hard_negatives, fit_sets, dm.hard_positives)
         if fit_sets is not None:
             pl_module.set_gate_fit_sets(fit_sets)
         from ace_lightning.utils import say
@@ -37,4 +38,12 @@ class ClosedFormInit(L.Callback):
         say(f"{what}: {len(dm.concepts)} concept(s), {len(weights)} layers, {dm.P.shape[1]} preserve tokens, "
             f"{self.stats['_solve_seconds']:.1f} s for the edit, {self.stats['_seconds']:.1f} s with the gates "
             f"({self.stats['_gate_fit_seconds']:.1f} s their fits)")
+        self._name_preserves(dm, pl_module)
         pl_module.bank.to(pl_module.device)
+
+    @staticmethod
+    def _name_preserves(dm, pl_module) -> None:
+        """The fitted gates choose the name-like preserve prompts of the fine-tuning (``data.preserve_pseudo``)."""
+        if dm.name_preserve is None:
+            bank = pl_module.bank
+            dm.add_name_preserves(lambda name, X: bank[name].gate(X.to(bank[name].A)).cpu())

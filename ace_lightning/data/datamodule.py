@@ -30,6 +30,7 @@ from ace_lightning.data.prompts import (
     fill_template,
     known_words,
     mine_neighbours,
+    phrase_pieces,
     prefixed_prompts,
     preserve_prompts,
     pseudo_words,
@@ -136,17 +137,24 @@ class ErasureDataset(Dataset):
         pj = int(torch.randint(len(dm.preserve_latents), (1,), generator=g))
         t = dm.timesteps(2, generator=g, num_train_timesteps=dm.num_train_timesteps)  # (2,)
         x0, x0_p = cd.latents[lj], dm.preserve_latents[pj]
+        emb_p, mask_p, ids_p = dm.preserve_emb[pj], dm.preserve_mask[pj], dm.preserve_ids[pj]
+        if dm.name_preserve is not None and bool(torch.rand((), generator=g) < dm.NAME_PRESERVE_SHARE):
+            ni = int(torch.randint(len(dm.name_preserve[0]), (1,), generator=g))  # on the preserve latent drawn above
+            emb_p, mask_p, ids_p = (x[ni] for x in dm.name_preserve)
         return {
             "concept": k,
             "ids": cd.ids[j], "span": cd.span[j],
             "emb": cd.emb[j], "emb_neu": cd.emb_neu[j], "target_mask": cd.target_mask[j],
             "x0": x0, "latent": lj, "t": t[0], "noise": torch.randn(x0.shape, generator=g),
-            "emb_p": dm.preserve_emb[pj], "preserve_mask": dm.preserve_mask[pj], "ids_p": dm.preserve_ids[pj],
+            "emb_p": emb_p, "preserve_mask": mask_p, "ids_p": ids_p,
             "x0_p": x0_p, "t_p": t[1], "noise_p": torch.randn(x0_p.shape, generator=g),
         }
 
 
 class ErasureDataModule(L.LightningDataModule):
+    NAME_PRESERVE_SHARE = 0.5  # of the preserve rows, when there are name-like preserve prompts
+    PSEUDO_HELDOUT = 400  # non-words held out of the pool for gate/false_fire_names_*
+
     def __init__(self, components, requests: list[ErasureRequest], cfg, sampler: SamplerSettings, seed: int,
                  max_steps: int, fingerprint: str):
         super().__init__()
@@ -158,6 +166,9 @@ class ErasureDataModule(L.LightningDataModule):
         self.hard_words: dict[str, list[str]] = {}  # concept -> its gate's hardest vocabulary words
         self._erased_pieces: set[str] | None = None  # last BPE pieces of every erased phrase (never a hard word)
         self._all_pieces: set[str] | None = None  # all their BPE pieces (no non-word holding one is a negative)
+        self.name_preserve: tuple | None = None  # (emb (n, T, d), mask (n, T), ids (n, T)): :meth:`add_name_preserves`
+        self.name_preserve_prompts: list[str] = []
+        self.hard_positive_prompts: dict[str, list[str]] = {}  # concept -> its gate's positives after hard words
         self._ready = False
 
     # -- setup -------------------------------------------------------------------------------------
@@ -215,8 +226,10 @@ class ErasureDataModule(L.LightningDataModule):
         self.preserve_mask = masks[cfg.gate_preserve_tokens]
         self.P_ctx = self._context_negatives()  # (d, n_ctx)
         # name-like non-words: the gates' hardest ones become negatives (hard_negatives), the last 400 are held out
-        pool = pseudo_words(tok, cfg.gate_pseudo_pool if cfg.gate_hard_pseudo > 0 else 0, self.seed)
-        self.pseudo, self.pseudo_heldout = pool[:-400] if len(pool) > 800 else pool, pool[-400:] if len(pool) > 800 else []
+        pool = pseudo_words(tok, cfg.gate_pseudo_pool if cfg.gate_hard_pseudo > 0 or cfg.preserve_pseudo > 0 else 0,
+                            self.seed)
+        held = self.PSEUDO_HELDOUT if len(pool) > 2 * self.PSEUDO_HELDOUT else 0  # a small pool is all for fitting
+        self.pseudo, self.pseudo_heldout = pool[: len(pool) - held], pool[len(pool) - held :]
         self.pseudo_tokens = (last_word_states(c.text_encoder, tok, [f"a {w}" for w, _ in self.pseudo]) if self.pseudo
                               else torch.zeros(0, self.preserve_emb.shape[-1]))  # (n_pseudo, d)
         self.P_gate = torch.cat([pres_tok[self.preserve_mask].T, self.P_vocab_gate, self.P_ctx], 1).contiguous()
@@ -292,10 +305,7 @@ class ErasureDataModule(L.LightningDataModule):
         # never the last piece of an erased phrase ("form" of "cruciform", "agram" of "pentagram"): that token is
         # a target (measured: with it a negative, 'cross' stayed in 0.42 of its synonym prompts)
         if self._erased_pieces is None:
-            self._erased_pieces = {
-                t[:-4] if t.endswith("</w>") else t
-                for o in self.concepts for ph in o.request.phrases + [w for w, _ in o.neighbours]
-                for t in c.tokenizer.convert_ids_to_tokens(phrase_ids(c.tokenizer, ph)[-1:])}
+            self._erased_pieces = {p for ph in self._erased_phrases() for p in phrase_pieces(c.tokenizer, ph, True)}
         pieces = self._erased_pieces
         order = score(self.word_tokens).argsort(descending=True).tolist()
         words = [self.vocab[i] for i in order if self.vocab[i] not in pieces][:k]
@@ -311,31 +321,90 @@ class ErasureDataModule(L.LightningDataModule):
                                                                  self.seed + 3)])
         return self._gate_tokens(prompts, self.seed + 2)
 
+    def add_name_preserves(self, gate) -> list[str]:
+        """After the gates are fitted: per concept, the ``data.preserve_pseudo`` non-words its gate opens to most
+        (``gate(concept, X (n, d)) -> (n,)``, on "a {w}"; none sharing a piece with an erased phrase), each in one of
+        its erase templates, become preserve prompts of the fine-tuning: :class:`ErasureDataset` draws
+        ``NAME_PRESERVE_SHARE`` of its preserve rows from them, on the preserve latents (no images are generated).
+        The generic preserve prompts hold no name; at 100 names 1000 fine-tuning steps lost the retained names
+        (docs/SCALE.md). Returns the prompts (recorded in prompts.json)."""
+        k = self.cfg.preserve_pseudo
+        if k <= 0 or not self.pseudo:
+            return []
+        c, own = self.components, self._phrase_pieces()
+        allowed = torch.tensor([not own & set(pieces) for _, pieces in self.pseudo])
+        rng = random.Random(f"{self.seed}/name-preserves")
+        prompts = []
+        for cd in self.concepts:
+            with torch.no_grad():
+                g = gate(cd.request.concept, self.pseudo_tokens).masked_fill(~allowed, -1.0)  # (n_pseudo,)
+            words = [self.pseudo[i][0] for i in g.topk(min(k, int(allowed.sum()))).indices.tolist()]
+            prompts += [fill_template(rng.choice(self.fam.templates[cd.request.kind]), w, self.fam.fields, rng)
+                        for w in words]
+        prompts = self._fitting(prompts)
+        if not prompts:
+            return []
+        emb, ids = encode_prompts(c.text_encoder, c.tokenizer, prompts)  # (n, T, d), (n, T)
+        nonpad = token_mask(ids, c.tokenizer.eos_token_id)
+        mask = nonpad if self.cfg.gate_preserve_tokens == "nonpad" else torch.ones_like(nonpad)
+        self.name_preserve, self.name_preserve_prompts = (emb, mask, ids), prompts
+        return prompts
+
     def _phrase_pieces(self) -> set[str]:
         """Every BPE piece (without the word-end marker) of every erased phrase and mined neighbour: a non-word
         holding one of them is partly the concept, neither a negative nor a false fire. Computed once, after setup."""
         if self._all_pieces is None:
             tok = self.components.tokenizer
-            pieces = {t for o in self.concepts for ph in o.request.phrases + [w for w, _ in o.neighbours]
-                      for t in tok.convert_ids_to_tokens(phrase_ids(tok, ph))}
-            self._all_pieces = {t[:-4] if t.endswith("</w>") else t for t in pieces}
+            self._all_pieces = {p for ph in self._erased_phrases() for p in phrase_pieces(tok, ph)}
         return self._all_pieces
+
+    def _erased_phrases(self) -> list[str]:
+        """Every erased phrase and mined neighbour, after setup."""
+        return [ph for o in self.concepts for ph in o.request.phrases + [w for w, _ in o.neighbours]]
 
     def _gate_positives(self, req: ErasureRequest, phrases: list[str]) -> torch.Tensor:
         """(d, n) the policy's target tokens of ``data.gate_prompts`` further erase prompts (other template and
         modifier draws than the training prompts) and of ``data.gate_long_prompts``/2 long prompts ending in a
         phrase (:func:`prefixed_prompts`): text-encoder passes only, no latents."""
-        c, cfg = self.components, self.cfg
+        cfg = self.cfg
         triples = erase_prompts(req, phrases, self.fam, cfg.gate_prompts, self.seed + 7919) if cfg.gate_prompts > 0 else []
         long = prefixed_prompts(phrases, self.vocab, cfg.gate_long_prompts // 2, self.seed + 7920)
         keep = set(self._fitting([p for p, _ in long]))
         triples += [(p, ph, p[: len(p) - len(ph)] + req.neutral) for p, ph in long if p in keep]
+        return self._target_tokens(req, triples)
+
+    def _target_tokens(self, req: ErasureRequest, triples: list[tuple[str, str, str]]) -> torch.Tensor:
+        """(d, n) the policy's target tokens of erase triples (prompt, phrase, neutral prompt)."""
+        c = self.components
         if not triples:
             return torch.zeros(self.preserve_emb.shape[-1], 0)
         emb, _ = encode_prompts(c.text_encoder, c.tokenizer, [p for p, _, _ in triples])
-        cols = [emb[i, paired_positions(c.tokenizer, p, ph, neu, req.neutral, cfg.token_policy)[0]]
+        cols = [emb[i, paired_positions(c.tokenizer, p, ph, neu, req.neutral, self.cfg.token_policy)[0]]
                 for i, (p, ph, neu) in enumerate(triples)]
         return torch.cat(cols).T.contiguous()
+
+    def hard_positives(self, cd: ConceptData) -> torch.Tensor:
+        """(d, n) gate positives for one concept after :meth:`hard_negatives`: its phrases with one of its first
+        ``data.gate_hard_modifiers`` hard words in front ("a red dotted circle" when 'red' is among them), each in
+        ``max(1, data.gate_hard_contexts // 8)`` erase-template prompts; the policy's target tokens.
+
+        The words a model confuses with a concept are the ones that stand next to it in prompts (a colour before a
+        style). The fit shuts those words; without positives in their company it also shuts the concept after
+        them: on the cast model (docs/SCALE.md) 'dotted' in "a red dotted circle" gated 0.00 after the fit."""
+        k = self.cfg.gate_hard_modifiers
+        words = self.hard_words.get(cd.request.concept, [])[:k]
+        req = cd.request
+        rng = random.Random(f"{self.seed}/hard-positives/{req.concept}")
+        triples = []
+        for i, w in enumerate(w for w in words for _ in range(max(1, self.cfg.gate_hard_contexts // 8))):
+            ph, t = req.phrases[i % len(req.phrases)], rng.choice(self.fam.templates[req.kind])
+            state = rng.getstate()
+            p = fill_template(t, f"{w} {ph}", self.fam.fields, rng)
+            rng.setstate(state)  # the same slots with the neutral
+            triples.append((p, ph, fill_template(t, f"{w} {req.neutral}", self.fam.fields, rng)))
+        triples = [tr for tr in triples if tr[0] in set(self._fitting([tr[0]]))]
+        self.hard_positive_prompts[req.concept] = [p for p, _, _ in triples]
+        return self._target_tokens(req, triples)
 
     def _concept(self, req: ErasureRequest, nb: list, latents: LatentCache, pipe) -> ConceptData:
         c, cfg = self.components, self.cfg
@@ -414,11 +483,13 @@ class ErasureDataModule(L.LightningDataModule):
                 "concept": cd.request.concept, "kind": cd.request.kind, "neutral": cd.request.neutral,
                 "synonyms": list(cd.request.synonyms),
                 "gate_hard_words": self.hard_words.get(cd.request.concept, []),
+                "gate_hard_positives": self.hard_positive_prompts.get(cd.request.concept, []),
                 "neighbours": [{"word": w, **sc} for w, sc in cd.neighbours],
                 "prompts": [{"prompt": p, "phrase": ph, "neutral_prompt": n}
                             for p, ph, n in zip(cd.prompts, cd.phrases, cd.neutral_prompts)],
             } for cd in self.concepts],
             "preserve_prompts": list(self.preserve_prompts),
+            "name_preserve_prompts": list(self.name_preserve_prompts),
         }
 
     # -- loaders -----------------------------------------------------------------------------------

@@ -192,6 +192,17 @@ def candidate_words(tokenizer, vocab_limit: int, banned: set[str]) -> list[str]:
     return words
 
 
+def bare_piece(token: str) -> str:
+    """A BPE token without CLIP's word-end marker: ``"veen</w>"`` -> ``"veen"``."""
+    return token[:-4] if token.endswith("</w>") else token
+
+
+def phrase_pieces(tokenizer, phrase: str, last_only: bool = False) -> list[str]:
+    """The BPE pieces of ``phrase`` without word-end markers (``last_only``: its last piece alone)."""
+    ids = tokenizer(phrase, add_special_tokens=False)["input_ids"]
+    return [bare_piece(t) for t in tokenizer.convert_ids_to_tokens(ids[-1:] if last_only else ids)]
+
+
 def pseudo_words(tokenizer, n: int, seed: int, max_pieces: int = 3) -> list[tuple[str, tuple[str, ...]]]:
     """Up to ``n`` name-like non-words, each with its BPE pieces: a word-start piece, half the time a second one,
     then a word-end piece (lower-case ASCII, 2-5 letters each) of the tokenizer's own vocabulary, kept when the
@@ -218,7 +229,7 @@ def pseudo_words(tokenizer, n: int, seed: int, max_pieces: int = 3) -> list[tupl
                 cands.append(w)
         for w, ids in zip(cands, tokenizer(cands, add_special_tokens=False)["input_ids"]):
             if 2 <= len(ids) <= max_pieces and len(out) < n:
-                out.append((w, tuple(t[:-4] if t.endswith("</w>") else t for t in tokenizer.convert_ids_to_tokens(ids))))
+                out.append((w, tuple(bare_piece(t) for t in tokenizer.convert_ids_to_tokens(ids))))
         if len(out) >= n:
             break
     return out

@@ -95,24 +95,35 @@ def calibrate(s_target: torch.Tensor, s_preserve: torch.Tensor, target_q: float 
     return math.log(target_gate / (1 - target_gate)) / gap, tau
 
 
-# Gate-direction strategies: built once per run from the gate's preserve tokens P (d, m); each returns the
-# per-concept map C (d, n) -> Q (d, q).
+def unit_scores(X_hat: torch.Tensor, Qs: list, chunk: int = 16384) -> torch.Tensor:
+    """(m, k) float64: ``||Q_iᵀ x̂||²`` of every unit column of X_hat (d, m) (float64, :func:`unit_columns`) under
+    each of k directions Q_i (d, q_i): one pass over X_hat for all of them, in column chunks (a 300k-token preserve
+    set read once instead of once per concept)."""
+    Qc = torch.cat([Q.double() for Q in Qs], 1)  # (d, Σq)
+    seg = torch.repeat_interleave(torch.arange(len(Qs)), torch.tensor([Q.shape[1] for Q in Qs]))  # (Σq,) -> i
+    out = torch.zeros(X_hat.shape[1], len(Qs), dtype=torch.float64)
+    for a in range(0, X_hat.shape[1], chunk):
+        out[a : a + chunk].index_add_(1, seg, (X_hat[:, a : a + chunk].T @ Qc).pow(2))
+    return out
+
+
 def hard_negative_whitener(P_hat: torch.Tensor, S_all: torch.Tensor, Q: torch.Tensor, frac: float, weight: float,
-                           eps: float = 1e-3) -> torch.Tensor:
+                           eps: float = 1e-3, s: torch.Tensor | None = None) -> torch.Tensor:
     """Whitener ``(S_all + weight · S_hard + ε)^{-1/2}`` (d, d) where ``S_hard`` is the covariance of the preserve
     tokens that score highest under the current directions ``Q`` (the top ``frac`` of P_hat (d, m), unit columns).
 
     Uniform whitening is dominated by the bulk of the vocabulary; the tokens a concept's gate confuses with it
     (another shape, the colour word in front of it) are a few hundred among tens of thousands. Up-weighting
-    them in the metric makes the contrast directions separate the concept from its nearest neighbours."""
-    s = (Q.T.double() @ P_hat).pow(2).sum(0)  # (m,)
+    them in the metric makes the contrast directions separate the concept from its nearest neighbours.
+    ``s`` (m,): the scores of P_hat under Q when already computed (:func:`unit_scores`, for many concepts at once)."""
+    s = (Q.T.double() @ P_hat).pow(2).sum(0) if s is None else s  # (m,)
     k = max(16, int(frac * P_hat.shape[1]))
     H = P_hat[:, s.topk(min(k, P_hat.shape[1])).indices]  # (d, k)
     return _inv_sqrt(S_all + weight * (H @ H.T) / H.shape[1], eps)
 
 
-# Gate-direction strategies: built once per run from the gate's preserve tokens P (d, m); each returns the
-# per-concept map C (d, n) -> Q (d, q).
+# Gate-direction strategies: built once per run from the gate's preserve tokens P (d, m); each returns the map
+# from k concepts' targets [C_i (d, n_i)] to their directions [Q_i (d, q)].
 @register("gate_directions", "contrast")
 def contrast_strategy(P: torch.Tensor, q: int, project_out: int, hard_rounds: int = 0, hard_frac: float = 0.01,
                       hard_weight: float = 10.0):
@@ -122,11 +133,13 @@ def contrast_strategy(P: torch.Tensor, q: int, project_out: int, hard_rounds: in
     S_all = P_hat @ P_hat.T / P_hat.shape[1]  # (d, d), shared by every concept
     Wh = _inv_sqrt(S_all, 1e-3)  # = preserve_whitener(P), without normalising P a second time
 
-    def directions(C: torch.Tensor) -> torch.Tensor:
-        Q = contrast_directions(C, q, Wh)
+    def directions(Cs: list) -> list:  # k concepts' targets (d, n_i) -> their Q (d, q), P scored for all at once
+        Qs = [contrast_directions(C, q, Wh) for C in Cs]
         for _ in range(hard_rounds):
-            Q = contrast_directions(C, q, hard_negative_whitener(P_hat, S_all, Q, hard_frac, hard_weight))
-        return Q
+            S = unit_scores(P_hat, Qs)  # (m, k)
+            Qs = [contrast_directions(C, q, hard_negative_whitener(P_hat, S_all, Q, hard_frac, hard_weight, s=S[:, i]))
+                  for i, (C, Q) in enumerate(zip(Cs, Qs))]
+        return Qs
 
     return directions
 
@@ -134,7 +147,7 @@ def contrast_strategy(P: torch.Tensor, q: int, project_out: int, hard_rounds: in
 @register("gate_directions", "svd")
 def svd_strategy(P: torch.Tensor, q: int, project_out: int, **_unused):
     Up = preserve_directions(P, project_out)  # shared by every concept
-    return lambda C: gate_directions(C, q, Up)
+    return lambda Cs: [gate_directions(C, q, Up) for C in Cs]
 
 
 def fit_gate(Q: torch.Tensor, gamma: float, tau: float, C: torch.Tensor, P: torch.Tensor, steps: int = 200,

@@ -14,17 +14,20 @@ from ace_lightning.method.closed_form import EditedWeights, preserve_factor, sol
 from ace_lightning.registry import build
 
 GATE_FIT_BATCH = 16  # gates fitted at once: their own negatives (~30k tokens each) are held together while they fit
+SCORE_BATCH = 64  # gates scored on the preserve set at once: (m, 64) float64 scores, 170 MB for 339k tokens
 
 
 def initialize_bank(bank: AdapterBank, weights: dict[str, torch.Tensor], concepts, P: torch.Tensor, cf, acfg,
-                    P_gate: torch.Tensor | None = None, hard_negatives=None, fit_sets: dict | None = None) -> dict:
+                    P_gate: torch.Tensor | None = None, hard_negatives=None, fit_sets: dict | None = None,
+                    hard_positives=None) -> dict:
     """Fill ``bank`` with one gated adapter per concept (``concepts``: ConceptData list). Returns stats.
 
     ``P`` (d, m): preserve tokens of the closed form; ``P_gate``: those the gate is calibrated to stay shut on
     (default ``P``). ``cf``: closed-form settings (enabled, lam, s_e, s_p); ``acfg``: adapter settings (rank, gate_q,
     gate_project_out, gate_target, gate_fit_steps, ungated). ``hard_negatives(concept_data, score)`` -> (d, n): more
     negatives for fitting that concept's gate, chosen with its calibrated score (the DataModule's
-    ``hard_negatives``). One factorisation of M serves every concept. ``fit_sets``: a dict that receives, per
+    ``hard_negatives``); ``hard_positives(concept_data)`` -> (d, n): more positives for that fit, called after
+    ``hard_negatives`` (the DataModule's ``hard_positives``), in a BCE term of their own. One factorisation of M serves every concept. ``fit_sets``: a dict that receives, per
     concept name, the (positives (d, n), negatives (d, m)) its gate was fitted on, for refitting it later
     (:meth:`ErasureSystem.refit_gates`).
     """
@@ -34,13 +37,14 @@ def initialize_bank(bank: AdapterBank, weights: dict[str, torch.Tensor], concept
     P_gate = P if P_gate is None else P_gate
     directions = build("gate_directions", {"name": acfg.gate_directions, "q": acfg.gate_q,
                                            "project_out": acfg.gate_project_out, "hard_rounds": acfg.gate_hard_rounds},
-                       P=P_gate)  # C (d, n) -> Q (d, q)
+                       P=P_gate)  # [C_i (d, n_i)] -> [Q_i (d, q)]
     stacked = EditedWeights.stack(weights)
     P_hat = G.unit_columns(P_gate)  # (d, m'), scored by every concept's gate
     stats = {}
     solved = solve_concepts(stacked, [(cd.C, cd.N) for cd in concepts], factor, cf.s_e, acfg.rank) if cf.enabled else None
     solve_seconds = time.perf_counter() - t0  # the closed-form edit of every concept; the gates follow
     fits = []  # (concept data, adapter, positives, γ, τ) of the gates fitted below, GATE_FIT_BATCH at a time
+    adapters = []
     for i, cd in enumerate(concepts):
         name = cd.request.concept
         if solved is not None:
@@ -56,49 +60,61 @@ def initialize_bank(bank: AdapterBank, weights: dict[str, torch.Tensor], concept
             ad.A.copy_(A)
             for k in weights:
                 ad.B[k].copy_(B[k])
-            Q = directions(cd.C)  # (d, q')
-            ad.Q = torch.zeros(d, acfg.gate_q)
-            ad.Q[:, : Q.shape[1]] = Q
-            s_t, s_p = G.scores(ad.Q, cd.C), G.scores(ad.Q, P_hat, unit=True)
-            # calibrated even when ungated (unused then: that gate is exactly 1), so a file can be re-gated
-            gamma, tau = G.calibrate(s_t, s_p, target_gate=acfg.gate_target)
-            stats[name] = {
-                "rank": A.shape[0], "energy_kept": energy,
-                "score_target_q05_q50": [float(torch.quantile(s_t.double(), q)) for q in (0.05, 0.5)],
-                "score_preserve_q50_q99": [float(torch.quantile(s_p.double(), q)) for q in (0.5, 0.99)],
-            }
-            if acfg.gate_fit_steps and not acfg.ungated:
-                pos = cd.C if cd.gate_pos is None else torch.cat([cd.C, cd.gate_pos], 1)  # (d, n + n_g)
-                fits.append((cd, ad, pos, gamma, tau))
-            else:
-                ad.gamma.fill_(gamma)
-                ad.tau.fill_(tau)
+        stats[name] = {"rank": A.shape[0], "energy_kept": energy}
+        adapters.append(ad)
+    for a in range(0, len(concepts), SCORE_BATCH):  # directions and calibration: P_gate read once per batch
+        group = list(zip(concepts[a : a + SCORE_BATCH], adapters[a : a + SCORE_BATCH]))
+        with torch.no_grad():
+            for (_, ad), Q in zip(group, directions([cd.C for cd, _ in group])):  # Q (d, q') each
+                ad.Q = torch.zeros(d, acfg.gate_q)
+                ad.Q[:, : Q.shape[1]] = Q
+            S_p = G.unit_scores(P_hat, [ad.Q for _, ad in group]).float()  # (m', group): preserve scores
+            for j, (cd, ad) in enumerate(group):
+                s_t, s_p = G.scores(ad.Q, cd.C), S_p[:, j]
+                # calibrated even when ungated (unused then: that gate is exactly 1), so a file can be re-gated
+                gamma, tau = G.calibrate(s_t, s_p, target_gate=acfg.gate_target)
+                stats[cd.request.concept].update({
+                    "score_target_q05_q50": [float(torch.quantile(s_t.double(), q)) for q in (0.05, 0.5)],
+                    "score_preserve_q50_q99": [float(torch.quantile(s_p.double(), q)) for q in (0.5, 0.99)],
+                })
+                if acfg.gate_fit_steps and not acfg.ungated:
+                    pos = cd.C if cd.gate_pos is None else torch.cat([cd.C, cd.gate_pos], 1)  # (d, n + n_g)
+                    fits.append((cd, ad, pos, gamma, tau))
+                else:
+                    ad.gamma.fill_(gamma)
+                    ad.tau.fill_(tau)
         if acfg.ungated:
-            ad.gamma.requires_grad_(False)
-            ad.tau.requires_grad_(False)
+            for _, ad in group:
+                ad.gamma.requires_grad_(False)
+                ad.tau.requires_grad_(False)
     t_fit = time.perf_counter()
     for j in range(0, len(fits), GATE_FIT_BATCH):  # one normalisation and mining pass of P_gate per batch of gates
         batch = fits[j : j + GATE_FIT_BATCH]
         own = [None if hard_negatives is None else hard_negatives(cd, lambda X, Q=ad.Q: G.scores(Q, X.T))
                for cd, ad, *_ in batch]  # (d, n_h) each: the concept's hardest negatives, its gate's alone
+        extra = [None if hard_positives is None else hard_positives(cd) for cd, *_ in batch]  # (d, n_x) each
+        extra = [None if x is None or not x.numel() else x for x in extra]
         Qf, taus = G.fit_gates(torch.stack([ad.Q for _, ad, *_ in batch]), [f[3] for f in batch],
-                               [f[4] for f in batch], [f[2] for f in batch], P_gate, own, steps=acfg.gate_fit_steps)
+                               [f[4] for f in batch], [f[2] for f in batch], P_gate, own, steps=acfg.gate_fit_steps,
+                               extra_pos=extra)
         with torch.no_grad():
-            for (cd, ad, pos, *_), Q, tau, neg in zip(batch, Qf, taus, own):
+            for (cd, ad, pos, *_), Q, tau, neg, x in zip(batch, Qf, taus, own, extra):
                 ad.Q = Q.contiguous()
                 ad.gamma.fill_(1.0)
                 ad.tau.fill_(tau)
                 if fit_sets is not None:  # a refit sees every negative this fit saw
-                    fit_sets[cd.request.concept] = (pos, P_gate if neg is None else torch.cat([P_gate, neg], 1))
+                    fit_sets[cd.request.concept] = (pos if x is None else torch.cat([pos, x], 1),
+                                                    P_gate if neg is None else torch.cat([P_gate, neg], 1))
     fit_seconds = time.perf_counter() - t_fit
     with torch.no_grad():
-        for cd in concepts:
-            name = cd.request.concept
-            ad = bank[name]
-            g_pres = ad.gate(P_gate.T)  # (m',)
-            stats[name].update({
-                "gamma": float(ad.gamma), "tau": float(ad.tau), "gate_target_mean": float(ad.gate(cd.C.T).mean()),
-                "gate_preserve_mean": float(g_pres.mean()), "gate_preserve_max": float(g_pres.max())})
+        for a in range(0, len(concepts), SCORE_BATCH):  # every gate on P_gate, one pass per batch
+            group = list(zip(concepts[a : a + SCORE_BATCH], adapters[a : a + SCORE_BATCH]))
+            S_p = G.unit_scores(P_hat, [ad.Q for _, ad in group]).float()  # (m', group)
+            for j, (cd, ad) in enumerate(group):
+                g_pres = torch.sigmoid(ad.gamma * (S_p[:, j] - ad.tau)) if ad.gated else torch.ones(1)  # (m',)
+                stats[cd.request.concept].update({
+                    "gamma": float(ad.gamma), "tau": float(ad.tau), "gate_target_mean": float(ad.gate(cd.C.T).mean()),
+                    "gate_preserve_mean": float(g_pres.mean()), "gate_preserve_max": float(g_pres.max())})
     stats["_gate_fit_seconds"] = fit_seconds
     stats["_seconds"] = time.perf_counter() - t0
     stats["_solve_seconds"] = solve_seconds
