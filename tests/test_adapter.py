@@ -201,3 +201,50 @@ def test_batched_delta_equals_the_sum_over_concepts_with_their_gates_and_grads()
     gates = bank.gates(c)  # (B, T, n)
     assert torch.equal(gates[..., 1], torch.ones(2, 6))  # ungated: exactly 1
     assert (gates[..., 2].diff(dim=-1) >= 0).all() and not (gates[..., 0].diff(dim=-1) >= 0).all()  # carry: running max
+
+
+def test_gated_codes_are_computed_once_per_unet_call_and_never_outlive_it(tiny_components, monkeypatch):
+    """Within one UNet call every attn2 projection gets the same text states, so the gated codes are computed once
+    (not once per projection), with the same output and gradients as without the sharing; a later call after an
+    in-place parameter update recomputes them."""
+    unet = tiny_components.unet
+    bank = inject(unet)
+    try:
+        _fill(bank, unet, "dog", seed=1)
+        _fill(bank, unet, "cat", seed=2)
+        g = torch.Generator().manual_seed(0)
+        x, c = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 16, bank.d, generator=g)
+        t = torch.tensor([10, 500])
+        calls = []
+        gates = type(bank).gates
+        monkeypatch.setattr(type(bank), "gates", lambda self, c: calls.append(1) or gates(self, c))
+
+        def out_and_grads():
+            calls.clear()
+            y = unet(x, t, encoder_hidden_states=c).sample
+            return y.detach(), torch.autograd.grad(y.square().sum(), list(bank.parameters()), allow_unused=True)
+
+        shared, n_shared = out_and_grads(), len(calls)
+        hooks = unet._ace_hooks
+        for h in hooks:  # the same UNet without the per-call sharing: one gate computation per projection
+            h.remove()
+        bank._call = None
+        alone, n_alone = out_and_grads(), len(calls)
+        assert n_shared == 1 and n_alone == len(base_weights(unet)) > 1, (n_shared, n_alone)
+        assert torch.allclose(shared[0], alone[0], atol=1e-6)
+        assert all((a is None and b is None) or torch.allclose(a, b, atol=1e-5) for a, b in zip(shared[1], alone[1]))
+    finally:
+        remove(unet)
+    assert not unet._forward_pre_hooks and not unet._forward_hooks  # remove() takes the hooks away too
+
+    bank = inject(unet)  # an update between two calls with the very same text states is seen by the second
+    try:
+        _fill(bank, unet, "dog", seed=1)
+        before, c = _unet_out(unet)
+        with torch.no_grad():
+            bank["dog"].A.mul_(3.0)
+            x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+            again = unet(x, torch.tensor([10, 500]), encoder_hidden_states=c).sample
+        assert bank._call is None and not torch.allclose(again, before)
+    finally:
+        remove(unet)

@@ -154,6 +154,7 @@ class ErasureDataset(Dataset):
 class ErasureDataModule(L.LightningDataModule):
     NAME_PRESERVE_SHARE = 0.5  # of the preserve rows, when there are name-like preserve prompts
     PSEUDO_HELDOUT = 400  # non-words held out of the pool for gate/false_fire_names_*
+    HARD_CACHE_BYTES = 1 << 30  # encoded hard-word contexts kept for the next concepts (:meth:`_word_contexts`)
 
     def __init__(self, components, requests: list[ErasureRequest], cfg, sampler: SamplerSettings, seed: int,
                  max_steps: int, fingerprint: str):
@@ -168,6 +169,7 @@ class ErasureDataModule(L.LightningDataModule):
         self._all_pieces: set[str] | None = None  # all their BPE pieces (no non-word holding one is a negative)
         self.name_preserve: tuple | None = None  # (emb (n, T, d), mask (n, T), ids (n, T)): :meth:`add_name_preserves`
         self.name_preserve_prompts: list[str] = []
+        self._hard_cache: dict[tuple[str, str], torch.Tensor] = {}  # (kind, word) -> its contexts' gate tokens (d, n)
         self.hard_positive_prompts: dict[str, list[str]] = {}  # concept -> its gate's positives after hard words
         self._ready = False
 
@@ -314,12 +316,34 @@ class ErasureDataModule(L.LightningDataModule):
             order = score(self.pseudo_tokens).argsort(descending=True).tolist()
             words += [self.pseudo[i][0] for i in order if not own & set(self.pseudo[i][1])][: cfg.gate_hard_pseudo]
         self.hard_words[cd.request.concept] = words
-        rng = random.Random(f"{self.seed}/hard-negatives/{cd.request.concept}")
-        prompts = [fill_template(rng.choice(self.fam.templates[cd.request.kind]), w, self.fam.fields, rng)
-                   for w in words for _ in range(cfg.gate_hard_contexts)]
-        prompts += self._fitting([p for p, _ in prefixed_prompts(words, self.vocab, cfg.gate_long_prompts,
-                                                                 self.seed + 3)])
-        return self._gate_tokens(prompts, self.seed + 2)
+        cols = self._word_contexts(cd.request.kind, words)  # (d, n)
+        long = self._fitting([p for p, _ in prefixed_prompts(words, self.vocab, cfg.gate_long_prompts, self.seed + 3)])
+        return torch.cat([cols, self._gate_tokens(long, self.seed + 2)], 1) if long else cols
+
+    def _word_contexts(self, kind: str, words: list[str]) -> torch.Tensor:
+        """(d, n) the gate tokens of each word in ``data.gate_hard_contexts`` erase-template prompts of ``kind``,
+        drawn per (kind, word) and encoded once per run: concepts share most of their hard words (at 100 cast names
+        12800 word slots held 805 distinct words), so each is encoded once, not once per concept. Kept up to
+        ``HARD_CACHE_BYTES``, the oldest dropped first."""
+        cache, k = self._hard_cache, self.cfg.gate_hard_contexts
+        todo = list(dict.fromkeys(w for w in words if (kind, w) not in cache))
+        if todo:
+            prompts = []
+            for w in todo:
+                rng = random.Random(f"{self.seed}/hard-negatives/{kind}/{w}")
+                prompts += [fill_template(rng.choice(self.fam.templates[kind]), w, self.fam.fields, rng) for _ in range(k)]
+            c = self.components
+            emb, ids = encode_prompts(c.text_encoder, c.tokenizer, prompts)  # (len(todo) k, T, d)
+            emb, nonpad = emb[:, : ids.shape[1]], token_mask(ids, c.tokenizer.eos_token_id)
+            for i, w in enumerate(todo):
+                sl = slice(i * k, (i + 1) * k)
+                cache[(kind, w)] = gate_columns(emb[sl], nonpad[sl], self.seed + 2)
+        out = torch.cat([cache[(kind, w)] for w in words], 1) if words else torch.zeros(self.preserve_emb.shape[-1], 0)
+        size = sum(x.numel() * x.element_size() for x in cache.values())
+        while len(cache) > 1 and size > self.HARD_CACHE_BYTES:
+            dropped = cache.pop(next(iter(cache)))
+            size -= dropped.numel() * dropped.element_size()
+        return out
 
     def add_name_preserves(self, gate) -> list[str]:
         """After the gates are fitted: per concept, the ``data.preserve_pseudo`` non-words its gate opens to most

@@ -85,6 +85,7 @@ class AdapterBank(nn.Module):
         self.layer_shapes = dict(layer_shapes)  # layer key -> out features
         self.concepts = nn.ModuleDict()
         self.enabled = True
+        self._call: dict | None = None  # per UNet call (inject's hooks): the gated codes every projection shares
 
     def _apply(self, fn, recurse=True):
         """Device moves apply; dtype casts do not: the adapter's maths stays float32 even after
@@ -127,15 +128,32 @@ class AdapterBank(nn.Module):
         carry = torch.tensor([ad.carry and ad.gated for ad in ads], device=c.device)
         return torch.where(carry, g.cummax(dim=-2).values, g) if bool(carry.any()) else g
 
-    def delta(self, key: str, c: torch.Tensor) -> torch.Tensor:
-        """``Σ_k g_k(c) B_k A_k c`` for c (B, T, d) -> (B, T, o) in float32, every concept in one product: the
-        stacked A (Σr, d) and B (o, Σr), each concept's gate repeated over its rank."""
-        c = c.float()
+    def codes(self, c: torch.Tensor) -> torch.Tensor:
+        """The gated codes ``g_k(c) A_k c`` of every concept for c (B, T, d) -> (B, T, Σr) float32 (the stacked A
+        (Σr, d), each gate repeated over its concept's rank). A and the gates do not depend on the layer, so within
+        one UNet call (between :func:`inject`'s hooks) they are computed once for the text states every attn2
+        projection receives, not once per projection."""
+        call = self._call
+        if call is not None and call.get("c") is c and call.get("version") == c._version:
+            return call["z"]
         ads = list(self.concepts.values())
+        c32 = c.float()
         ranks = torch.tensor([ad.A.shape[0] for ad in ads], device=c.device)
-        z = c @ torch.cat([ad.A for ad in ads]).T  # (B, T, Σr)
-        z = z * self.gates(c).repeat_interleave(ranks, dim=-1)  # (B, T, Σr)
-        return z @ torch.cat([ad.B[key] for ad in ads], 1).T  # (B, T, o)
+        z = (c32 @ torch.cat([ad.A for ad in ads]).T) * self.gates(c32).repeat_interleave(ranks, dim=-1)
+        if call is not None:
+            call.update(c=c, version=c._version, z=z)
+        return z
+
+    def delta(self, key: str, c: torch.Tensor) -> torch.Tensor:
+        """``Σ_k g_k(c) B_k A_k c`` for c (B, T, d) -> (B, T, o) in float32, every concept in one product over
+        the stacked B (o, Σr) and the shared :meth:`codes`."""
+        return self.codes(c) @ torch.cat([ad.B[key] for ad in self.concepts.values()], 1).T  # (B, T, o)
+
+    def _open_call(self, *_args) -> None:  # UNet forward pre-hook
+        self._call = {}
+
+    def _close_call(self, *_args) -> None:  # UNet forward hook (always called): nothing outlives the call
+        self._call = None
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
@@ -200,6 +218,8 @@ def inject(unet: nn.Module, targets: Iterable[str] = DEFAULT_TARGETS) -> Adapter
     for name, mod in found.items():
         unet.set_submodule(name, GatedLoRALinear(mod, bank, layer_key(name)))
     unet._ace_bank = bank  # so remove() and apply/remove on pipelines can find it
+    unet._ace_hooks = (unet.register_forward_pre_hook(bank._open_call),
+                       unet.register_forward_hook(bank._close_call, always_call=True))
     return bank
 
 
@@ -210,6 +230,10 @@ def remove(unet: nn.Module) -> None:
             unet.set_submodule(name, mod.base_layer)
     if hasattr(unet, "_ace_bank"):
         del unet._ace_bank
+    for h in getattr(unet, "_ace_hooks", ()):
+        h.remove()
+    if hasattr(unet, "_ace_hooks"):
+        del unet._ace_hooks
 
 
 def bank_of(unet: nn.Module) -> AdapterBank | None:
