@@ -281,7 +281,7 @@ def test_gate_fit_sets_are_kept_only_when_gates_are_refitted(tiny_components, re
         cd.gate_pos = None
     dm = SimpleNamespace(setup=lambda stage: None, P_vocab_gate=P, P=P, P_gate=P, concepts=concepts,
                          hard_negatives=lambda cd, score: torch.randn(d, 5), hard_positives=lambda cd: torch.zeros(d, 0),
-                         name_preserve=None, add_name_preserves=lambda gate: [])
+                         extra_preserve=None, add_extra_preserves=lambda gate: [])
     kept = {}
     module = SimpleNamespace(bank=bank, unet=unet, device="cpu", adv=SimpleNamespace(gate_refit_steps=refit_steps),
                              set_gate_vocabulary=lambda t: None, set_gate_fit_sets=kept.update)

@@ -313,10 +313,16 @@ def test_name_like_preserve_prompts_are_the_fitted_gates_nearest_nonwords(tiny_m
 
     two = "concepts=[{concept: dog, kind: object, neutral: animal}, {concept: cat, kind: object, neutral: animal}]"
     run(tiny_cfg(tiny_model_dir, tmp_path, two, "trainer.max_steps=1", "data.preserve_pseudo=3",
-                 "data.gate_pseudo_pool=1000", "adapter.gate_fit_steps=5", "adv.enabled=false", "seed=0"))
+                 "data.preserve_hard_words=2", "data.gate_hard_words=4", "data.gate_pseudo_pool=1000",
+                 "adapter.gate_fit_steps=5", "adv.enabled=false", "seed=0"))
     run_dir = next(p for p in tmp_path.iterdir() if (p / "prompts.json").is_file())
-    prompts = json.loads((run_dir / "prompts.json").read_text())["name_preserve_prompts"]
-    assert len(prompts) == 6, prompts
+    report = json.loads((run_dir / "prompts.json").read_text())
+    extra = report["extra_preserve_prompts"]  # per concept: 3 non-words, then 2 prompts of its hard words
+    assert len(extra) == 10, extra
+    prompts = extra[:3] + extra[5:8]
+    for c, combos in zip(report["concepts"], (extra[3:5], extra[8:10])):
+        near = c["gate_hard_words"][:4]
+        assert all(any(f" {w}" in f" {p}" for w in near) for p in combos), (near, combos)
     comps = load_components(str(tiny_model_dir))
     pool = pseudo_words(comps.tokenizer, 1000, 0)[:-400]  # the DataModule's pool without its held-out 400
     allowed = [w for w, pieces in pool if not {"dog", "cat", "animal"} & set(pieces)]
@@ -342,11 +348,11 @@ def test_the_dataset_draws_half_its_preserve_rows_from_the_name_like_prompts():
     dm = SimpleNamespace(seed=0, concepts=[cd], preserve_latents=torch.randn(4, 1, 2, 2), preserve_emb=torch.zeros(4, T, d),
                          preserve_mask=torch.ones(4, T, dtype=torch.bool), preserve_ids=torch.zeros(4, T, dtype=torch.long),
                          timesteps=lambda n, generator, num_train_timesteps: torch.zeros(n, dtype=torch.long),
-                         num_train_timesteps=1000, name_preserve=None,
-                         NAME_PRESERVE_SHARE=ErasureDataModule.NAME_PRESERVE_SHARE)
+                         num_train_timesteps=1000, extra_preserve=None,
+                         EXTRA_PRESERVE_SHARE=ErasureDataModule.EXTRA_PRESERVE_SHARE)
     plain = [ErasureDataset(dm, 400)[i]["emb_p"].sum() for i in range(400)]
     assert all(float(v) == 0.0 for v in plain)
-    dm.name_preserve = (torch.ones(3, T, d), torch.ones(3, T, dtype=torch.bool), torch.ones(3, T, dtype=torch.long))
+    dm.extra_preserve = (torch.ones(3, T, d), torch.ones(3, T, dtype=torch.bool), torch.ones(3, T, dtype=torch.long))
     share = sum(float(ErasureDataset(dm, 400)[i]["emb_p"].sum()) > 0 for i in range(400)) / 400
     assert 0.4 < share < 0.6, share
 

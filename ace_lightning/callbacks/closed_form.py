@@ -20,7 +20,7 @@ class ClosedFormInit(L.Callback):
         dm.setup(stage)
         pl_module.set_gate_vocabulary(dm.P_vocab_gate.T)  # (n_v, d): gate negatives from the model's vocabulary
         if len(pl_module.bank.concepts):  # already initialised (a second fit, or a resumed module)
-            self._name_preserves(dm, pl_module)
+            self._extra_preserves(dm, pl_module)
             return
         from ace_lightning.method.adapter import base_weights
 
@@ -38,12 +38,12 @@ class ClosedFormInit(L.Callback):
         say(f"{what}: {len(dm.concepts)} concept(s), {len(weights)} layers, {dm.P.shape[1]} preserve tokens, "
             f"{self.stats['_solve_seconds']:.1f} s for the edit, {self.stats['_seconds']:.1f} s with the gates "
             f"({self.stats['_gate_fit_seconds']:.1f} s their fits)")
-        self._name_preserves(dm, pl_module)
+        self._extra_preserves(dm, pl_module)
         pl_module.bank.to(pl_module.device)
 
     @staticmethod
-    def _name_preserves(dm, pl_module) -> None:
+    def _extra_preserves(dm, pl_module) -> None:
         """The fitted gates choose the name-like preserve prompts of the fine-tuning (``data.preserve_pseudo``)."""
-        if dm.name_preserve is None:
+        if dm.extra_preserve is None:
             bank = pl_module.bank
-            dm.add_name_preserves(lambda name, X: bank[name].gate(X.to(bank[name].A)).cpu())
+            dm.add_extra_preserves(lambda name, X: bank[name].gate(X.to(bank[name].A)).cpu())

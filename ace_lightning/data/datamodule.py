@@ -138,9 +138,9 @@ class ErasureDataset(Dataset):
         t = dm.timesteps(2, generator=g, num_train_timesteps=dm.num_train_timesteps)  # (2,)
         x0, x0_p = cd.latents[lj], dm.preserve_latents[pj]
         emb_p, mask_p, ids_p = dm.preserve_emb[pj], dm.preserve_mask[pj], dm.preserve_ids[pj]
-        if dm.name_preserve is not None and bool(torch.rand((), generator=g) < dm.NAME_PRESERVE_SHARE):
-            ni = int(torch.randint(len(dm.name_preserve[0]), (1,), generator=g))  # on the preserve latent drawn above
-            emb_p, mask_p, ids_p = (x[ni] for x in dm.name_preserve)
+        if dm.extra_preserve is not None and bool(torch.rand((), generator=g) < dm.EXTRA_PRESERVE_SHARE):
+            ni = int(torch.randint(len(dm.extra_preserve[0]), (1,), generator=g))  # on the preserve latent drawn above
+            emb_p, mask_p, ids_p = (x[ni] for x in dm.extra_preserve)
         return {
             "concept": k,
             "ids": cd.ids[j], "span": cd.span[j],
@@ -152,7 +152,7 @@ class ErasureDataset(Dataset):
 
 
 class ErasureDataModule(L.LightningDataModule):
-    NAME_PRESERVE_SHARE = 0.5  # of the preserve rows, when there are name-like preserve prompts
+    EXTRA_PRESERVE_SHARE = 0.5  # of the preserve rows, when there are name-like preserve prompts
     PSEUDO_HELDOUT = 400  # non-words held out of the pool for gate/false_fire_names_*
     HARD_CACHE_BYTES = 1 << 30  # encoded hard-word contexts kept for the next concepts (:meth:`_word_contexts`)
 
@@ -167,8 +167,8 @@ class ErasureDataModule(L.LightningDataModule):
         self.hard_words: dict[str, list[str]] = {}  # concept -> its gate's hardest vocabulary words
         self._erased_pieces: set[str] | None = None  # last BPE pieces of every erased phrase (never a hard word)
         self._all_pieces: set[str] | None = None  # all their BPE pieces (no non-word holding one is a negative)
-        self.name_preserve: tuple | None = None  # (emb (n, T, d), mask (n, T), ids (n, T)): :meth:`add_name_preserves`
-        self.name_preserve_prompts: list[str] = []
+        self.extra_preserve: tuple | None = None  # (emb (n, T, d), mask (n, T), ids (n, T)): :meth:`add_extra_preserves`
+        self.extra_preserve_prompts: list[str] = []
         self._hard_cache: dict[tuple[str, str], torch.Tensor] = {}  # (kind, word) -> its contexts' gate tokens (d, n)
         self.hard_positive_prompts: dict[str, list[str]] = {}  # concept -> its gate's positives after hard words
         self._ready = False
@@ -345,33 +345,44 @@ class ErasureDataModule(L.LightningDataModule):
             size -= dropped.numel() * dropped.element_size()
         return out
 
-    def add_name_preserves(self, gate) -> list[str]:
-        """After the gates are fitted: per concept, the ``data.preserve_pseudo`` non-words its gate opens to most
-        (``gate(concept, X (n, d)) -> (n,)``, on "a {w}"; none sharing a piece with an erased phrase), each in one of
-        its erase templates, become preserve prompts of the fine-tuning: :class:`ErasureDataset` draws
-        ``NAME_PRESERVE_SHARE`` of its preserve rows from them, on the preserve latents (no images are generated).
-        The generic preserve prompts hold no name; at 100 names 1000 fine-tuning steps lost the retained names
-        (docs/SCALE.md). Returns the prompts (recorded in prompts.json)."""
-        k = self.cfg.preserve_pseudo
-        if k <= 0 or not self.pseudo:
+    def add_extra_preserves(self, gate) -> list[str]:
+        """After the gates are fitted, more preserve prompts for the fine-tuning, per concept and in its erase
+        templates: :class:`ErasureDataset` draws ``EXTRA_PRESERVE_SHARE`` of its preserve rows from them, on the
+        preserve latents (no images are generated). The generic preserve prompts hold neither names nor the words
+        around a concept; at 100 names 1000 fine-tuning steps lost the retained names (docs/SCALE.md).
+
+        - ``data.preserve_pseudo``: the non-words its gate opens to most (``gate(concept, X (n, d)) -> (n,)``, on
+          "a {w}"; none sharing a piece with an erased phrase): names it must not take.
+        - ``data.preserve_hard_words``: that many prompts of 1-3 of its first 16 vocabulary hard words
+          ("a spotted square"): the words nearest a concept are the ones that describe it, and a description
+          must stay drawn when the name goes (``Acc_look``).
+
+        Returns the prompts (recorded in prompts.json)."""
+        k, m = self.cfg.preserve_pseudo, self.cfg.preserve_hard_words
+        if (k <= 0 or not self.pseudo) and m <= 0:
             return []
-        c, own = self.components, self._phrase_pieces()
-        allowed = torch.tensor([not own & set(pieces) for _, pieces in self.pseudo])
-        rng = random.Random(f"{self.seed}/name-preserves")
+        c = self.components
+        if k > 0 and self.pseudo:
+            own = self._phrase_pieces()
+            allowed = torch.tensor([not own & set(pieces) for _, pieces in self.pseudo])
+        rng = random.Random(f"{self.seed}/extra-preserves")
         prompts = []
         for cd in self.concepts:
-            with torch.no_grad():
-                g = gate(cd.request.concept, self.pseudo_tokens).masked_fill(~allowed, -1.0)  # (n_pseudo,)
-            words = [self.pseudo[i][0] for i in g.topk(min(k, int(allowed.sum()))).indices.tolist()]
-            prompts += [fill_template(rng.choice(self.fam.templates[cd.request.kind]), w, self.fam.fields, rng)
-                        for w in words]
+            kind, words = cd.request.kind, []
+            if k > 0 and self.pseudo:
+                with torch.no_grad():
+                    g = gate(cd.request.concept, self.pseudo_tokens).masked_fill(~allowed, -1.0)  # (n_pseudo,)
+                words += [self.pseudo[i][0] for i in g.topk(min(k, int(allowed.sum()))).indices.tolist()]
+            near = self.hard_words.get(cd.request.concept, [])[: min(16, self.cfg.gate_hard_words)]
+            words += [" ".join(rng.sample(near, min(len(near), rng.randint(1, 3)))) for _ in range(m if near else 0)]
+            prompts += [fill_template(rng.choice(self.fam.templates[kind]), w, self.fam.fields, rng) for w in words]
         prompts = self._fitting(prompts)
         if not prompts:
             return []
         emb, ids = encode_prompts(c.text_encoder, c.tokenizer, prompts)  # (n, T, d), (n, T)
         nonpad = token_mask(ids, c.tokenizer.eos_token_id)
         mask = nonpad if self.cfg.gate_preserve_tokens == "nonpad" else torch.ones_like(nonpad)
-        self.name_preserve, self.name_preserve_prompts = (emb, mask, ids), prompts
+        self.extra_preserve, self.extra_preserve_prompts = (emb, mask, ids), prompts
         return prompts
 
     def _phrase_pieces(self) -> set[str]:
@@ -513,7 +524,7 @@ class ErasureDataModule(L.LightningDataModule):
                             for p, ph, n in zip(cd.prompts, cd.phrases, cd.neutral_prompts)],
             } for cd in self.concepts],
             "preserve_prompts": list(self.preserve_prompts),
-            "name_preserve_prompts": list(self.name_preserve_prompts),
+            "extra_preserve_prompts": list(self.extra_preserve_prompts),
         }
 
     # -- loaders -----------------------------------------------------------------------------------
