@@ -248,3 +248,19 @@ def test_gated_codes_are_computed_once_per_unet_call_and_never_outlive_it(tiny_c
         assert bank._call is None and not torch.allclose(again, before)
     finally:
         remove(unet)
+
+
+def test_adapter_runs_under_inference_mode(tiny_components):
+    """Generation runs the UNet under ``torch.inference_mode``, whose tensors have no version counter: the per-call
+    sharing of the gated codes must not need one (found when a 100-name bench crashed after the sharing landed)."""
+    unet = tiny_components.unet
+    bank = inject(unet)
+    try:
+        _fill(bank, unet, "dog", seed=1)
+        ref, c = _unet_out(unet)
+        x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            out = unet(x, torch.tensor([10, 500]), encoder_hidden_states=c.clone()).sample
+        assert torch.allclose(out, ref, atol=1e-6)
+    finally:
+        remove(unet)

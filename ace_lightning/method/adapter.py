@@ -134,14 +134,15 @@ class AdapterBank(nn.Module):
         one UNet call (between :func:`inject`'s hooks) they are computed once for the text states every attn2
         projection receives, not once per projection."""
         call = self._call
-        if call is not None and call.get("c") is c and call.get("version") == c._version:
+        version = None if c.is_inference() else c._version  # inference tensors cannot change in place
+        if call is not None and call.get("c") is c and call.get("version") == version:
             return call["z"]
         ads = list(self.concepts.values())
         c32 = c.float()
         ranks = torch.tensor([ad.A.shape[0] for ad in ads], device=c.device)
         z = (c32 @ torch.cat([ad.A for ad in ads]).T) * self.gates(c32).repeat_interleave(ranks, dim=-1)
         if call is not None:
-            call.update(c=c, version=c._version, z=z)
+            call.update(c=c, version=version, z=z)
         return z
 
     def delta(self, key: str, c: torch.Tensor) -> torch.Tensor:
