@@ -101,6 +101,7 @@ class DataCfg:
     gate_long_prompts: int = 0
     gate_hard_pseudo: int = 0
     gate_hard_modifiers: int = 0
+    gate_hard_shared_contexts: bool = False
     preserve_pseudo: int = 0
     preserve_hard_words: int = 0
     gate_pseudo_pool: int = 20000
