@@ -152,7 +152,7 @@ class ErasureDataset(Dataset):
 
 
 class ErasureDataModule(L.LightningDataModule):
-    EXTRA_PRESERVE_SHARE = 0.5  # of the preserve rows, when there are name-like preserve prompts
+    EXTRA_PRESERVE_SHARE = 0.5  # of the preserve rows, when there are extra preserve prompts (add_extra_preserves)
     PSEUDO_HELDOUT = 400  # non-words held out of the pool for gate/false_fire_names_*
     HARD_CACHE_BYTES = 1 << 30  # encoded hard-word contexts kept for the next concepts (:meth:`_word_contexts`)
 
