@@ -43,7 +43,8 @@ class ClosedFormInit(L.Callback):
 
     @staticmethod
     def _extra_preserves(dm, pl_module) -> None:
-        """The fitted gates choose the name-like preserve prompts of the fine-tuning (``data.preserve_pseudo``)."""
+        """The fitted gates choose the extra preserve prompts of the fine-tuning (``data.preserve_pseudo``,
+        ``data.preserve_hard_words``)."""
         if dm.extra_preserve is None:
             bank = pl_module.bank
             dm.add_extra_preserves(lambda name, X: bank[name].gate(X.to(bank[name].A)).cpu())

@@ -222,10 +222,7 @@ class ErasureDataModule(L.LightningDataModule):
         self.P = torch.cat([pres_tok[nonpad].T, self.P_vocab], 1).contiguous()  # (d, tokens): spec's P
         # the gate must stay shut on every token the UNet attends to, padding included (padding EOS tokens
         # carry the prompt's content through the causal encoder): measured to fire on all pads otherwise
-        masks = {"nonpad": nonpad, "all": torch.ones_like(nonpad)}
-        if cfg.gate_preserve_tokens not in masks:
-            raise ConfigError(f"data.gate_preserve_tokens must be one of {sorted(masks)}, got {cfg.gate_preserve_tokens!r}")
-        self.preserve_mask = masks[cfg.gate_preserve_tokens]
+        self.preserve_mask = self._preserve_token_mask(nonpad)
         self.P_ctx = self._context_negatives()  # (d, n_ctx)
         # name-like non-words: the gates' hardest ones become negatives (hard_negatives), the last 400 are held out
         pool = pseudo_words(tok, cfg.gate_pseudo_pool if cfg.gate_hard_pseudo > 0 or cfg.preserve_pseudo > 0 else 0,
@@ -277,11 +274,25 @@ class ErasureDataModule(L.LightningDataModule):
         prompts += self._fitting([p for p, _ in prefixed_prompts(last, self.vocab, cfg.gate_long_prompts, self.seed)])
         return self._gate_tokens(prompts, self.seed + 1)
 
+    def _preserve_token_mask(self, nonpad: torch.Tensor) -> torch.Tensor:
+        """bool (n, T): the tokens of preserve prompts (non-pad mask (n, T)) the gate must stay shut on and L_pres
+        sees, by ``data.gate_preserve_tokens``. All by default: padding EOS tokens carry the prompt's content through
+        the causal encoder (measured: the gate fired on all pads otherwise)."""
+        masks = {"nonpad": nonpad, "all": torch.ones_like(nonpad)}
+        if self.cfg.gate_preserve_tokens not in masks:
+            raise ConfigError(f"data.gate_preserve_tokens must be one of {sorted(masks)}, got "
+                              f"{self.cfg.gate_preserve_tokens!r}")
+        return masks[self.cfg.gate_preserve_tokens]
+
+    def _token_rows(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``prompts`` encoded by the frozen text encoder: their token rows (n, T, d) and non-pad mask (n, T)."""
+        c = self.components
+        emb, ids = encode_prompts(c.text_encoder, c.tokenizer, prompts)  # (n, T', d), T' >= T (SDXL packs one more)
+        return emb[:, : ids.shape[1]], token_mask(ids, c.tokenizer.eos_token_id)
+
     def _gate_tokens(self, prompts: list[str], seed: int) -> torch.Tensor:
         """(d, n) :func:`gate_columns` of ``prompts`` encoded by the frozen text encoder."""
-        c = self.components
-        emb, ids = encode_prompts(c.text_encoder, c.tokenizer, prompts)  # (n, T, d)
-        return gate_columns(emb[:, : ids.shape[1]], token_mask(ids, c.tokenizer.eos_token_id), seed)
+        return gate_columns(*self._token_rows(prompts), seed)
 
     def _fitting(self, prompts: list[str]) -> list[str]:
         """The prompts that fit the text encoder's context (a truncated prompt loses its last word)."""
@@ -339,9 +350,7 @@ class ErasureDataModule(L.LightningDataModule):
             for w in todo:
                 rng = random.Random(f"{self.seed}/hard-negatives/{kind}/{w}")
                 prompts += [fill_template(rng.choice(self.fam.templates[kind]), w, self.fam.fields, rng) for _ in range(k)]
-            c = self.components
-            emb, ids = encode_prompts(c.text_encoder, c.tokenizer, prompts)  # (len(todo) k, T, d)
-            emb, nonpad = emb[:, : ids.shape[1]], token_mask(ids, c.tokenizer.eos_token_id)
+            emb, nonpad = self._token_rows(prompts)  # (len(todo) k, T, d), (len(todo) k, T)
             for i, w in enumerate(todo):
                 sl = slice(i * k, (i + 1) * k)
                 cache[(kind, w)] = gate_columns(emb[sl], nonpad[sl], prompt_seed(self.seed + 2, f"{kind}/{w}"))
@@ -387,8 +396,7 @@ class ErasureDataModule(L.LightningDataModule):
         if not prompts:
             return []
         emb, ids = encode_prompts(c.text_encoder, c.tokenizer, prompts)  # (n, T, d), (n, T)
-        nonpad = token_mask(ids, c.tokenizer.eos_token_id)
-        mask = nonpad if self.cfg.gate_preserve_tokens == "nonpad" else torch.ones_like(nonpad)
+        mask = self._preserve_token_mask(token_mask(ids, c.tokenizer.eos_token_id))
         self.extra_preserve, self.extra_preserve_prompts = (emb, mask, ids), prompts
         return prompts
 
@@ -444,7 +452,8 @@ class ErasureDataModule(L.LightningDataModule):
             p = fill_template(t, f"{w} {ph}", self.fam.fields, rng)
             rng.setstate(state)  # the same slots with the neutral
             triples.append((p, ph, fill_template(t, f"{w} {req.neutral}", self.fam.fields, rng)))
-        triples = [tr for tr in triples if tr[0] in set(self._fitting([tr[0]]))]
+        keep = set(self._fitting([p for p, _, _ in triples]))
+        triples = [tr for tr in triples if tr[0] in keep]
         self.hard_positive_prompts[req.concept] = [p for p, _, _ in triples]
         return self._target_tokens(req, triples)
 

@@ -27,9 +27,9 @@ def initialize_bank(bank: AdapterBank, weights: dict[str, torch.Tensor], concept
     gate_project_out, gate_target, gate_fit_steps, ungated). ``hard_negatives(concept_data, score)`` -> (d, n): more
     negatives for fitting that concept's gate, chosen with its calibrated score (the DataModule's
     ``hard_negatives``); ``hard_positives(concept_data)`` -> (d, n): more positives for that fit, called after
-    ``hard_negatives`` (the DataModule's ``hard_positives``), in a BCE term of their own. One factorisation of M serves every concept. ``fit_sets``: a dict that receives, per
-    concept name, the (positives (d, n), negatives (d, m)) its gate was fitted on, for refitting it later
-    (:meth:`ErasureSystem.refit_gates`).
+    ``hard_negatives`` (the DataModule's ``hard_positives``), in a BCE term of their own. One factorisation of M
+    serves every concept. ``fit_sets``: a dict that receives, per concept name, the (positives (d, n), negatives
+    (d, m)) its gate was fitted on, for refitting it later (:meth:`ErasureSystem.refit_gates`).
     """
     t0 = time.perf_counter()
     d = P.shape[0]
