@@ -28,9 +28,9 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP) ## create .venv and install the package (idempotent)
 
-train: $(STAMP) ## erase CONCEPT="a,b" (a preset or any phrase) [KIND=style] [NEUTRAL=..] [SYNONYMS="a,b"] [MODEL=dir-or-id] [ARGS="k=v ..."]
-	@test -n "$(CONCEPT)" || { echo "usage: make train CONCEPT=<name>[,<name>...] [KIND=object|style|person|nsfw] [NEUTRAL=<phrase>] [SYNONYMS=\"a,b\"] [MODEL=<dir-or-id>] [ARGS=\"k=v ...\"]"; exit 2; }
-	$(PY) -m ace_lightning.train concept="$(CONCEPT)" $(if $(KIND),kind="$(KIND)") $(if $(NEUTRAL),neutral="$(NEUTRAL)") $(if $(SYNONYMS),'synonyms=[$(SYNONYMS)]') $(if $(MODEL),model.path="$(MODEL)") $(ARGS)
+train: $(STAMP) ## erase CONCEPT="a,b" (a preset or any phrase) [KIND=style] [NEUTRAL=..] [SYNONYMS="a,b"] [PRESERVE="a,@file"] [MODEL=dir-or-id] [ARGS="k=v ..."]
+	@test -n "$(CONCEPT)" || { echo "usage: make train CONCEPT=<name>[,<name>...] [KIND=object|style|person|nsfw] [NEUTRAL=<phrase>] [SYNONYMS=\"a,b\"] [PRESERVE=\"a,@file\"] [MODEL=<dir-or-id>] [ARGS=\"k=v ...\"]"; exit 2; }
+	$(PY) -m ace_lightning.train concept="$(CONCEPT)" $(if $(KIND),kind="$(KIND)") $(if $(NEUTRAL),neutral="$(NEUTRAL)") $(if $(SYNONYMS),'synonyms=[$(SYNONYMS)]') $(if $(PRESERVE),preserve="$(PRESERVE)") $(if $(MODEL),model.path="$(MODEL)") $(ARGS)
 
 test: $(STAMP) ## run the default (fast, offline, CPU) test suite
 	$(PY) -m pytest -q

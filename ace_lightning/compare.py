@@ -80,6 +80,16 @@ def parse_args(argv: list[str]) -> CompareConfig:
     return cfg
 
 
+def with_suite_model(cfg: CompareConfig) -> CompareConfig:
+    """``model`` defaults to the suite's own (toy-characters-100: ``toyworld-cast``), for training and bench alike:
+    a method trained on one model and benched on another would measure nothing."""
+    from ace_lightning.bench.suites import load_suite
+
+    if not cfg.model:
+        cfg.model = load_suite(cfg.suite).model
+    return cfg
+
+
 def _flat(tree, prefix: str = "") -> dict:
     """Nested dicts and lists of dicts as {"a.b.c": leaf, "concepts.0.kind": leaf}; other lists are leaves."""
     items = tree.items() if isinstance(tree, dict) else enumerate(tree)
@@ -414,8 +424,7 @@ def drop_stale_images(bench_dir: Path, runs: dict[str, Path]) -> list[str]:
     methods whose images were dropped; the others are reused."""
     import shutil
 
-    from ace_lightning.bench.scorers import file_digest
-    from ace_lightning.utils import say
+    from ace_lightning.utils import file_digest, say
 
     dropped = []
     for m, run in runs.items():
@@ -442,7 +451,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     quiet_known_notices()
     argv = sys.argv[1:] if argv is None else argv
-    cfg = parse_args(argv)
+    cfg = with_suite_model(parse_args(argv))
     out = Path(cfg.out or Path("outputs") / "compare" / cfg.suite / concepts_slug(concept_names(cfg.concept)))
     t0 = time.perf_counter()
     runs = train_all(cfg, out)

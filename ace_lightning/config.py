@@ -38,6 +38,8 @@ class AdapterCfg:
     gate_hard_rounds: int = 2
     gate_target: float = 0.95
     gate_fit_steps: int = 200
+    gate_sibling_negatives: bool = False
+    gate_neg_q: int = 0
     ungated: bool = False
     gate_carry: bool = False
 
@@ -169,6 +171,7 @@ class RunCfg:
     kind: str = "object"
     neutral: str | None = None
     synonyms: list[str] = field(default_factory=list)
+    preserve: str = ""  # phrases every ad-hoc concept keeps: names and/or @<file>, as for concept=
     method: str = "ace"
     experiment: str = ""
     concepts: list[ErasureRequest] = field(default_factory=list)  # one request's schema is the request itself
@@ -210,7 +213,27 @@ def _merge(cfg: DictConfig, other, origin: str) -> DictConfig:
         key = getattr(e, "full_key", None) or str(e)
         raise ConfigError(f"unknown config key {key!r} in {origin}; valid keys here: {_valid_keys(cfg, str(key))}") from None
     except ValidationError as e:
-        raise ConfigError(f"bad value in {origin}: {e.msg if hasattr(e, 'msg') else e}") from None
+        group = _group_given_a_value(cfg, other)
+        if group is not None:
+            keys = ", ".join(f"{group}.{k}" for k in sorted(OmegaConf.select(cfg, group).keys()))
+            raise ConfigError(f"{group!r} is a group of keys, not a value ({origin}); set one of: {keys}") from None
+        msg = (getattr(e, "msg", None) or str(e)).split("\n")[0]
+        where = f" for {e.full_key!r}" if getattr(e, "full_key", None) else ""
+        raise ConfigError(f"bad value{where} in {origin}: {msg}") from None
+
+
+def _group_given_a_value(cfg: DictConfig, other, prefix: str = "") -> str | None:
+    """The dotted key of ``other`` that gives a plain value where ``cfg`` has a group of keys (or None)."""
+    if not isinstance(other, (dict, DictConfig)):
+        return None
+    for k, v in other.items():
+        key = f"{prefix}{k}"
+        node = OmegaConf.select(cfg, key, default=None)
+        if isinstance(node, DictConfig):
+            found = _group_given_a_value(cfg, v, f"{key}.") if isinstance(v, (dict, DictConfig)) else key
+            if found is not None:
+                return found
+    return None
 
 
 # What an ad-hoc concept turns into when no neutral= is given (a preset names its own).
@@ -235,13 +258,13 @@ def concept_names(spec: str) -> list[str]:
     return out
 
 
-def _adhoc(cfg: DictConfig, name: str) -> DictConfig:
+def _adhoc(cfg: DictConfig, name: str, keep: list[str]) -> DictConfig:
     kind = str(cfg.kind)
     if kind not in DEFAULT_NEUTRALS:
         raise ConfigError(f"unknown kind {kind!r} for concept {name!r}; valid: {sorted(DEFAULT_NEUTRALS)}")
     neutral = cfg.neutral if cfg.neutral else DEFAULT_NEUTRALS[kind]
     return OmegaConf.structured(ErasureRequest(concept=name, kind=kind, neutral=str(neutral),
-                                               synonyms=[str(x) for x in cfg.synonyms]))
+                                               synonyms=[str(x) for x in cfg.synonyms], preserve=list(keep)))
 
 
 # (key, valid?, the valid range in words): nonsense values are refused before anything is loaded
@@ -270,6 +293,7 @@ RANGES = [
     ("adv.warmup", lambda v: v >= 0, ">= 0"), ("adv.steps", lambda v: v >= 1, ">= 1"),
     ("adv.n_adv", lambda v: v >= 1, ">= 1"), ("adv.rows", lambda v: v >= 1, ">= 1"), ("adv.pool", lambda v: v >= 1, ">= 1"),
     ("adv.gate_refit_steps", lambda v: v >= 0, ">= 0"), ("adv.gate_pool", lambda v: v >= 1, ">= 1"),
+    ("adapter.gate_neg_q", lambda v: v >= 0, ">= 0"),
     ("sampler.steps", lambda v: v >= 1, ">= 1"), ("sampler.guidance", lambda v: v >= 0, ">= 0"),
 ]
 MAX_NAME = 120  # characters of a run folder name (file systems allow 255 bytes)
@@ -345,8 +369,8 @@ def load_config(overrides: list[str] | None = None, base: Path | None = None) ->
         if "=" not in o:
             raise ConfigError(f"override {o!r} is not key=value")
     # concept=@<file> (a concept list): "@" is reserved in YAML, so the value is taken as the string it is
-    overrides = [f"""concept='{o.split("=", 1)[1].replace("'", "''")}'""" if o.startswith("concept=@") else o
-                 for o in overrides or []]
+    overrides = [f"""{o.split("=", 1)[0]}='{o.split("=", 1)[1].replace("'", "''")}'"""
+                 if o.startswith(("concept=@", "preserve=@")) else o for o in overrides or []]
     for o in overrides:
         try:
             OmegaConf.from_dotlist([o])
@@ -376,11 +400,12 @@ def load_config(overrides: list[str] | None = None, base: Path | None = None) ->
         raise ConfigError(f"no concept name in concept={cfg.concept!r}")
     if cfg.concept is not None and str(cfg.concept).strip() and any(not n for n in names):
         raise ConfigError(f"empty concept name in concept={cfg.concept!r}")
+    keep = [k for k in concept_names(str(cfg.preserve or "")) if k]  # preserve=: read once, for every ad-hoc concept
     for n in [n for n in names if n]:
         path = EXPERIMENTS_DIR / "concepts" / f"{n}.yaml"
         if not (re.fullmatch(r"[\w.-]{1,100}", n) and path.is_file()):  # any phrase: an ad-hoc request
-            # (kind=, neutral=, synonyms= apply to it)
-            cfg.concepts = list(cfg.concepts) + [_adhoc(cfg, n)]
+            # (kind=, neutral=, synonyms=, preserve= apply to it)
+            cfg.concepts = list(cfg.concepts) + [_adhoc(cfg, n, keep)]
             continue
         pre = _yaml(path, "concept preset")
         extra = set(pre.keys()) - {"concepts"}
@@ -390,6 +415,9 @@ def load_config(overrides: list[str] | None = None, base: Path | None = None) ->
         cfg.concepts = list(cfg.concepts) + list(merged.concepts)
     if not cfg.concepts:
         raise ConfigError("nothing to erase: give concept=<name>[,<name>...] (presets: " + ", ".join(presets()) + ")")
+    both = sorted({c.concept for c in cfg.concepts} & {p for c in cfg.concepts for p in c.preserve})
+    if both:
+        raise ConfigError(f"both erased and kept (concept= and preserve=): {both}")
     validate(cfg)
     OmegaConf.set_struct(cfg, True)
     return cfg

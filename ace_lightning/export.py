@@ -46,7 +46,8 @@ def save_adapter(path, bank: AdapterBank, requests, base_model: str, fingerprint
     """Write a gated low-rank bank as safetensors (see :func:`adapter_metadata`)."""
     def fields(req):
         ad = bank[req.concept]
-        return {"rank": ad.A.shape[0], "q": ad.Q.shape[1], "gated": bool(ad.gated), "carry": bool(ad.carry)}
+        return {"rank": ad.A.shape[0], "q": ad.Q.shape[1], "gated": bool(ad.gated), "carry": bool(ad.carry),
+                "q_neg": int(ad.q_neg)}
 
     meta = adapter_metadata(requests, base_model, fingerprint, targets, config_yaml, unet, method, "gated_lora", fields)
     return _write(path, bank.state_dict(), meta)
@@ -159,6 +160,7 @@ def _inject(unet, path, tensors: dict[str, torch.Tensor], meta: dict, check_fing
             ad = bank.add_concept(c["concept"], rank=c["rank"], q=c["q"])
             ad.gated = bool(c.get("gated", True))
             ad.carry = bool(c.get("carry", False))  # files written before gate carry have token-wise gates
+            ad.q_neg = int(c.get("q_neg", 0))  # files written before signed gates have none
         bank.load_state_dict(tensors, strict=True)
     except (RuntimeError, KeyError) as e:
         remove(unet)

@@ -25,6 +25,7 @@ PROVIDERS: dict[str, list[str]] = {
     "gate_directions": ["ace_lightning.method.gate"],
     "sampler": ["ace_lightning.models.sampling"],
     "model_family": ["ace_lightning.models.loading"],  # diffusers pipeline classes the package loads
+    "model_alias": ["ace_lightning.toyworld.plugin"],  # model names a world provides (model.path=<name>)
     "scorer": ["ace_lightning.bench.scorers", "ace_lightning.toyworld.bench_plugin"],
     "bench_metric": ["ace_lightning.bench.metrics"],
     "class_source": ["ace_lightning.bench.suites", "ace_lightning.toyworld.bench_plugin"],

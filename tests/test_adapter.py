@@ -264,3 +264,42 @@ def test_adapter_runs_under_inference_mode(tiny_components):
         assert torch.allclose(out, ref, atol=1e-6)
     finally:
         remove(unet)
+
+
+def test_signed_gate_subtracts_its_negative_columns_batched_and_after_save_load(tiny_components, tmp_path):
+    """``q_neg``: the last columns of Q count negatively. A token along the concept direction opens the gate, the
+    same token with a component on the negative column shuts it; the bank's batched gates equal each concept's
+    own, and ``q_neg`` survives save -> load."""
+    from ace_lightning.data.prompts import ErasureRequest
+    from ace_lightning.export import load_into, save_adapter
+    from ace_lightning.method.adapter import AdapterBank
+
+    d = 8
+    bank = AdapterBank(d, {"l": 3})
+    for name in ("dog", "cat"):
+        ad = bank.add_concept(name, rank=2, q=2)
+        with torch.no_grad():
+            ad.Q = torch.eye(d)[:, [0, 1]] * 2.0 if name == "dog" else torch.eye(d)[:, [2, 3]] * 2.0
+            ad.gamma.fill_(10.0)
+            ad.tau.fill_(1.0)
+        ad.q_neg = 1
+    e = torch.eye(d)
+    c = torch.stack([e[0], e[0] + e[1], e[2], e[1]])[None]  # (1, 4, d)
+    dog = bank["dog"].seq_gate(c)[0]
+    assert dog[0] > 0.99 and dog[1] < 0.01 and dog[3] < 0.01  # e0 opens it; e0 + e1 scores 2 - 2 = 0: shut
+    assert torch.allclose(bank.gates(c), torch.stack([ad.seq_gate(c) for ad in bank.concepts.values()], -1))
+    bank["cat"].q_neg = 0  # widths alike, signs not: the loop, still each concept's own gate
+    assert torch.allclose(bank.gates(c)[..., 1], bank["cat"].seq_gate(c))
+
+    unet = tiny_components.unet
+    real = inject(unet)
+    _fill(real, unet, "dog")
+    real["dog"].q_neg = 2
+    path = save_adapter(tmp_path / "s.safetensors", real, [ErasureRequest("dog", "object", "animal")],
+                        tiny_components.source, "fp", ["to_k", "to_v"])
+    remove(unet)
+    loaded = load_into(unet, path, check_fingerprint=False)
+    try:
+        assert loaded["dog"].q_neg == 2
+    finally:
+        remove(unet)

@@ -143,20 +143,20 @@ def test_n_erased_draws_nested_sets_and_the_shipped_lists_are_those_sets():
         draw_erased(names, 100, 0, n_retained=len(names) - 99)
 
 
-def test_characters_100_suite_rows_with_n_erased():
+def test_characters_100_suite_rows_with_n_erased(tmp_path):
     from ace_lightning.bench.config import BenchConfig
     from ace_lightning.bench.run import plan_run
     from ace_lightning.bench.suites import load_suite
 
     suite = load_suite("toy-characters-100")
     plan = plan_run(BenchConfig(suite="toy-characters-100", n_erased=10, n_retained=50, templates=2,
-                                images_per_prompt=1, out="unused"), suite)
+                                images_per_prompt=1, out=str(tmp_path)), suite)
     groups = {}
     for r in plan.rows:
         groups.setdefault(r.group, set()).add(r.label)
     assert len(groups["erased"]) == 10 and len(groups["retained"]) == 50 and groups["described"] == groups["erased"]
     with pytest.raises(ConfigError, match="n_erased"):
-        plan_run(BenchConfig(suite="toy-characters-100", n_erased=10, erased="zorblax", out="unused"), suite)
+        plan_run(BenchConfig(suite="toy-characters-100", n_erased=10, erased="zorblax", out=str(tmp_path)), suite)
 
 
 def test_ten_concept_adapter_gates_each_name_and_applies_bit_for_bit(tiny_components, tmp_path):
@@ -195,7 +195,8 @@ def test_ten_concept_adapter_gates_each_name_and_applies_bit_for_bit(tiny_compon
     ref = _unet_out(c.unet, cond)
     bank = inject(c.unet)
     acfg = SimpleNamespace(rank=4, gate_q=8, gate_directions="svd", gate_project_out=0, gate_hard_rounds=0,
-                           gate_target=0.95, gate_fit_steps=0, gate_carry=False, ungated=False)
+                           gate_target=0.95, gate_fit_steps=0, gate_carry=False, ungated=False,
+                           gate_sibling_negatives=False, gate_neg_q=0)
     initialize_bank(bank, base_weights(c.unet), concepts, P, SimpleNamespace(enabled=True, lam=0.1, s_e=1.0, s_p=1.0),
                     acfg)
     with torch.no_grad():
@@ -222,3 +223,112 @@ def _unet_out(unet, cond):
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         return unet(x, torch.tensor([10, 500]), encoder_hidden_states=cond).sample
+
+
+def _tiny_assets(tmp_path, tiny_model_dir):
+    """A tiny model laid out as ToyWorld's assets (pipeline/) and a cast-trained copy of its text encoder, which
+    differs in three token rows only."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    assets = tmp_path / "assets"
+    shutil.copytree(tiny_model_dir, assets / "pipeline")
+    base = assets / "pipeline" / "text_encoder" / "model.safetensors"
+    state = load_file(str(base))
+    key = next(k for k in state if k.endswith("token_embedding.weight"))
+    ids = torch.tensor([5, 17, 300])
+    state[key][ids] += 1.0
+    cast_file = tmp_path / "cast_te" / "model.safetensors"
+    cast_file.parent.mkdir()
+    save_file(state, str(cast_file))
+    return assets, base, cast_file, key, ids
+
+
+def test_cast_variant_is_the_base_model_plus_the_cast_rows(tmp_path, tiny_model_dir):
+    """The cast ships as the rows its stage changed; materialised once (atomically) into a model folder that loads
+    as the cast-trained model, bit for bit; rows made for another base, or a cast file that differs elsewhere, are
+    refused."""
+    from safetensors.torch import load_file, save_file
+
+    from ace_lightning.toyworld.cast_variant import ROWS_FILE, cast_pipeline_dir, save_cast_rows
+
+    assets, base, cast_file, key, ids = _tiny_assets(tmp_path, tiny_model_dir)
+    rows = assets / "cast" / ROWS_FILE
+    assert save_cast_rows(base, cast_file, rows) == {"rows": 3, "dim": 32}
+    assert torch.equal(load_file(str(rows))["ids"], ids)
+    cache = tmp_path / "cache"
+    d = cast_pipeline_dir(assets, cache)
+    got, want = load_file(str(d / "text_encoder" / "model.safetensors")), load_file(str(cast_file))
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert [p.name for p in cache.iterdir()] == [d.name]  # no temporary folder left behind
+    stamp = (d / "text_encoder" / "model.safetensors").stat().st_mtime_ns
+    assert cast_pipeline_dir(assets, cache) == d  # reused, not rewritten
+    assert (d / "text_encoder" / "model.safetensors").stat().st_mtime_ns == stamp
+
+    other = load_file(str(cast_file))  # a "cast" that also moved a layer is not a cast stage's output
+    next(v for k, v in other.items() if k != key and v.dtype.is_floating_point).add_(1.0)
+    save_file(other, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="outside the token rows"):
+        save_cast_rows(base, tmp_path / "other.safetensors", tmp_path / "x.safetensors")
+
+    state = load_file(str(base))  # the base model rebuilt: the shipped rows no longer belong to it
+    state[key][0] += 1.0
+    save_file(state, str(base))
+    with pytest.raises(ValueError, match="another ToyWorld text encoder"):
+        cast_pipeline_dir(assets, cache)
+    rows.unlink()
+    with pytest.raises(FileNotFoundError, match="make toyworld"):
+        cast_pipeline_dir(assets, cache)
+
+
+def test_a_crash_while_materialising_leaves_no_model_behind(tmp_path, monkeypatch, tiny_model_dir):
+    import safetensors.torch
+
+    from ace_lightning.toyworld.cast_variant import ROWS_FILE, cast_pipeline_dir, save_cast_rows
+
+    assets, base, cast_file, _, _ = _tiny_assets(tmp_path, tiny_model_dir)
+    save_cast_rows(base, cast_file, assets / "cast" / ROWS_FILE)
+
+    def crash(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        cast_pipeline_dir(assets, tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []
+    monkeypatch.undo()
+    assert (cast_pipeline_dir(assets, tmp_path / "cache") / "model_index.json").is_file()
+
+
+needs_cast = pytest.mark.skipif(not (PIPELINE_DIR.parent / "cast" / "token_rows.safetensors").is_file(),
+                                reason="ToyWorld's cast rows not built")
+
+
+@needs_cast
+def test_model_toyworld_cast_draws_cast_members_by_name_and_keeps_the_base_prompts(tmp_path, monkeypatch):
+    """``model=toyworld-cast``: twelve cast names spread over the cast, one image each, drawn with their looks (all
+    three classifier heads right) for at least 10; the default ToyWorld draws at most 2 of them. A prompt of the
+    base build's words encodes bit for bit as on the default model."""
+    from ace_lightning.models.loading import load_components, resolve_model_dir
+    from ace_lightning.toyworld.classifier import load_classifier
+    from ace_lightning.toyworld.evaluate import EVAL_SEED, load_pipeline, look_acc
+
+    monkeypatch.setenv("ACE_MODEL_CACHE", str(tmp_path))
+    variant = resolve_model_dir("toyworld-cast")
+    assert variant.parent == tmp_path
+    people = cast()
+    names = list(people)[len(CHARACTERS)::13][:12]
+    prompts, looks = [f"a picture of {n}" for n in names], [people[n] for n in names]
+    clf = load_classifier()
+    ok = look_acc(load_pipeline("toyworld-cast"), clf, prompts, looks, EVAL_SEED + 5000, 25, 5.0)
+    assert int(ok.sum()) >= 10, dict(zip(names, ok.tolist(), strict=True))
+    base = look_acc(load_pipeline(), clf, prompts, looks, EVAL_SEED + 5000, 25, 5.0)
+    assert int(base.sum()) <= 2, dict(zip(names, base.tolist(), strict=True))
+    from ace_lightning.method.text import encode_prompts
+
+    a, b = load_components("toyworld-cast"), load_components(None)
+    with torch.no_grad():
+        ea = encode_prompts(a.text_encoder, a.tokenizer, ["a red striped circle", f"a picture of {names[0]}"])[0]
+        eb = encode_prompts(b.text_encoder, b.tokenizer, ["a red striped circle", f"a picture of {names[0]}"])[0]
+    assert torch.equal(ea[0], eb[0]) and not torch.equal(ea[1], eb[1])

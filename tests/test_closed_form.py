@@ -81,10 +81,43 @@ def test_batched_solve_equals_one_by_one():
     d = 14
     weights = {"a.to_k": torch.randn(6, d, generator=g), "b.to_v": torch.randn(9, d, generator=g)}
     factor = preserve_factor(torch.randn(d, 11, generator=g), d, 0.2, 0.7)
-    pairs = [(torch.randn(d, n, generator=g), torch.randn(d, n, generator=g)) for n in (3, 5, 3, 4)]  # mixed n
+    pairs = [(torch.randn(d, n, generator=g), torch.randn(d, n, generator=g)) for n in (3, 5, 3, 4, 3, 3)]  # mixed n
     many = solve_concepts(weights, pairs, factor, 1.3, rank=4)
-    for (C, N), res in zip(pairs, many):
+    chunked = solve_concepts(weights, pairs, factor, 1.3, rank=4, chunk=2)  # the n = 3 group in two passes
+    for (C, N), res, ch in zip(pairs, many, chunked):
         one = solve_concept(weights, C, N, factor, 1.3, rank=4)
         for k in weights:  # compare the products: singular vectors are defined up to sign
             assert _rel(res.B[k] @ res.A, one.B[k] @ one.A) < 1e-5
+            assert _rel(ch.B[k] @ ch.A, one.B[k] @ one.A) < 1e-5
+            assert ch.B[k].is_contiguous() and ch.B[k].shape == (weights[k].shape[0], ch.A.shape[0])
         assert res.energy_kept == pytest.approx(one.energy_kept, rel=1e-9)
+
+
+def test_initialize_bank_in_solve_batches_equals_one_batch(monkeypatch):
+    """The bank is filled SOLVE_BATCH concepts at a time (so the results are never held whole next to it): the
+    adapters come out the same as from one batch."""
+    from types import SimpleNamespace
+
+    from ace_lightning.method import initialize
+    from ace_lightning.method.adapter import AdapterBank
+
+    g = torch.Generator().manual_seed(5)
+    d = 10
+    weights = {"a_to_k": torch.randn(6, d, generator=g), "b_to_v": torch.randn(4, d, generator=g)}
+    concepts = [SimpleNamespace(request=SimpleNamespace(concept=f"c{i}"), C=torch.randn(d, n, generator=g),
+                                N=torch.randn(d, n, generator=g), gate_pos=None) for i, n in enumerate((3, 4, 3, 3, 5))]
+    P = torch.randn(d, 50, generator=g)
+    cf = SimpleNamespace(enabled=True, lam=0.1, s_e=1.0, s_p=1.0)
+    acfg = SimpleNamespace(rank=2, gate_q=2, gate_directions="contrast", gate_project_out=0, gate_hard_rounds=0,
+                           gate_target=0.95, gate_fit_steps=0, gate_carry=False, ungated=False,
+                           gate_sibling_negatives=False, gate_neg_q=0)
+    banks = {}
+    for size in (64, 2):
+        monkeypatch.setattr(initialize, "SOLVE_BATCH", size)
+        banks[size] = AdapterBank(d, {k: W.shape[0] for k, W in weights.items()})
+        initialize.initialize_bank(banks[size], weights, concepts, P, cf, acfg)
+    for cd in concepts:
+        one, two = banks[64][cd.request.concept], banks[2][cd.request.concept]
+        for k in weights:
+            torch.testing.assert_close(two.B[k] @ two.A, one.B[k] @ one.A)
+        assert one.B["a_to_k"].abs().max() > 0

@@ -7,7 +7,7 @@ import pytest
 from test_bench_run import tiny_suite  # noqa: F401 - the tiny suite (tiny CLIP zero-shot + CLIP score)
 from test_training import tiny_args
 
-from ace_lightning.compare import bootstrap, main, metric_on_rows, parse_args
+from ace_lightning.compare import bootstrap, main, metric_on_rows, parse_args, with_suite_model
 from ace_lightning.registry import ConfigError
 
 
@@ -41,7 +41,7 @@ def test_compare_two_methods_writes_everything_and_reuses_runs(tiny_suite, tiny_
     kept = (out / "bench" / "images" / "ace_closed_form_only" / "generation.json").read_text()
     res2 = main([*argv, "uce.closed_form.lam=0.2"])
     gen = json.loads((out / "bench" / "images" / "uce" / "generation.json").read_text())
-    from ace_lightning.bench.scorers import file_digest
+    from ace_lightning.utils import file_digest
 
     assert gen["adapter_sha256"] == file_digest(out / "runs" / "uce" / "adapter.safetensors")
     assert (out / "bench" / "images" / "ace_closed_form_only" / "generation.json").read_text() == kept
@@ -150,3 +150,11 @@ def test_finished_run_with_steps_per_concept_is_reused():
     defaults = load_config(["concept=circle"])
     assert same_run(OmegaConf.to_yaml(written), wanted_config(args), defaults)
     assert not same_run(OmegaConf.to_yaml(written), wanted_config([*args[:1], "trainer.steps_per_concept=100"]), defaults)
+
+
+def test_compare_trains_and_benches_on_the_suite_model_unless_given_one():
+    """toy-characters-100 names the cast variant: without model= the methods must be trained on it too, or the
+    adapters would be benched on a model they were not made for; model= still wins."""
+    assert with_suite_model(parse_args(["suite=toy-characters-100", "concept=zorblax"])).model == "toyworld-cast"
+    assert with_suite_model(parse_args(["suite=toy-characters-100", "concept=zorblax", "model=/m"])).model == "/m"
+    assert with_suite_model(parse_args(["suite=toy-objects", "concept=circle"])).model is None

@@ -49,6 +49,14 @@ def test_unknown_key_lists_valid_keys():
         load_config([DOG, "trainr.max_steps=3"])
 
 
+def test_value_given_to_a_group_names_the_group_and_its_keys():
+    """``logger=none`` (compare's form) given to train said only "bad value in command-line overrides: None"."""
+    with pytest.raises(ConfigError, match=r"'logger' is a group.*logger\.wandb"):
+        load_config([DOG, "logger=none"])
+    with pytest.raises(ConfigError, match=r"trainer\.max_steps.*'many'"):
+        load_config([DOG, "trainer.max_steps=many"])
+
+
 def test_registry_unknown_name_and_key():
     with pytest.raises(ConfigError, match="valid: band, uniform"):
         registry.build("timesteps", {"name": "gaussian"})
@@ -70,6 +78,23 @@ def test_any_concept_by_name():
     from ace_lightning.method.adapter import slug
 
     assert slug("ñandú") == "ñandú" and slug("ñandú") != slug("and")  # non-ASCII names keep distinct folders
+
+
+def test_keep_list_for_every_ad_hoc_concept(tmp_path):
+    """``preserve=`` (names, or ``@<file>`` as for concept=): phrases every ad-hoc concept keeps; the preserve prompts
+    hold each phrase once however many concepts list it, and a kept phrase may not be erased."""
+    from ace_lightning.data.prompts import ErasureRequest, family, preserve_prompts
+
+    keep = tmp_path / "keep.txt"
+    keep.write_text("zorp\n# a comment\nblix\n")
+    cfg = load_config(["concept=dragon,wyvern", f"preserve=@{keep},snarf"])
+    assert [list(c.preserve) for c in cfg.concepts] == [["zorp", "blix", "snarf"]] * 2
+    requests = [ErasureRequest(**{k: (list(v) if k in ("synonyms", "preserve") else v) for k, v in c.items()})
+                for c in cfg.concepts]
+    prompts = preserve_prompts(requests, family("sd", [], 0), 20, 0)
+    assert [sum(f" {w}" in f" {p}" for p in prompts) for w in ("zorp", "blix", "snarf")] == [1, 1, 1], prompts
+    with pytest.raises(ConfigError, match="both erased and kept"):
+        load_config(["concept=dragon,zorp", f"preserve=@{keep}"])
 
 
 @pytest.mark.parametrize("override,message", [

@@ -142,9 +142,10 @@ def _gate_set(g, d, centre, n):
     return C
 
 
-def test_fit_gates_batched_equals_one_gate_at_a_time():
+@pytest.mark.parametrize("q_neg", [0, 1])
+def test_fit_gates_batched_equals_one_gate_at_a_time(q_neg):
     """k gates of different target counts fitted at once give each gate what fitting it alone gives (each gate's
-    loss is its own; the padding of the smaller target sets must not count)."""
+    loss is its own; the padding of the smaller target sets must not count); signed gates (``q_neg``) alike."""
     g = torch.Generator().manual_seed(3)
     d = 24
     P = torch.randn(d, 6000, generator=g)
@@ -152,11 +153,13 @@ def test_fit_gates_batched_equals_one_gate_at_a_time():
     for n in (30, 70, 45):
         C = _gate_set(g, d, torch.randn(d, generator=g), n)
         Q = G.gate_directions(C, 3)
-        gates.append((Q, *G.calibrate(G.scores(Q, C), G.scores(Q, P)), C))
+        gamma, tau = G.calibrate(G.scores(Q, C), G.scores(Q, P))
+        Q = torch.cat([Q, 0.01 * torch.randn(d, q_neg, generator=g)], 1)  # the negative column starts small
+        gates.append((Q, gamma, tau, C))
     Qb, taus = G.fit_gates(torch.stack([q for q, *_ in gates]), [x[1] for x in gates], [x[2] for x in gates],
-                           [x[3] for x in gates], P, steps=80, hard_k=128, sample_k=512)
+                           [x[3] for x in gates], P, steps=80, hard_k=128, sample_k=512, q_neg=q_neg)
     for (Q, gamma, tau, C), Qi, ti in zip(gates, Qb, taus):
-        Q1, g1, t1 = G.fit_gate(Q, gamma, tau, C, P, steps=80, hard_k=128, sample_k=512)
+        Q1, g1, t1 = G.fit_gate(Q, gamma, tau, C, P, steps=80, hard_k=128, sample_k=512, q_neg=q_neg)
         assert g1 == 1.0 and not torch.equal(Q1, Q * math.sqrt(gamma))  # it moved
         assert torch.allclose(Qi, Q1, atol=1e-5, rtol=1e-4) and ti == pytest.approx(t1, rel=1e-5)
 
@@ -184,3 +187,72 @@ def test_fit_gates_own_negatives_shut_only_their_gate():
     assert fires(Qn[0], tn[0], H0_test) > 0.5  # without them gate 0 opens on that cloud
     assert fires(Qa[0], ta[0], H0_test) <= 0.05 and fires(Qa[0], ta[0], C0) >= 0.95
     assert torch.allclose(Qa[1], Qn[1], atol=1e-6) and ta[1] == pytest.approx(tn[1])
+
+
+def test_sibling_negatives_shut_a_gate_on_a_look_neighbour_of_its_concept():
+    """Names learned with a look share it: erased 'a' and 'b' and the retained 'r' are one shared component plus
+    a small one of their own. Fitted against generic tokens, a's gate opens on r; fitted with b's targets as
+    negatives too (``adapter.gate_sibling_negatives``), it must use a's own component and shuts on r."""
+    from types import SimpleNamespace
+
+    from ace_lightning.method.adapter import AdapterBank
+    from ace_lightning.method.initialize import initialize_bank, sibling_targets
+
+    g = torch.Generator().manual_seed(0)
+    d, n = 32, 40
+    look, own = torch.randn(d, 1, generator=g), torch.randn(d, 3, generator=g)  # shared; a's, b's, r's own
+
+    def name(i):  # (d, n): the look, the name's own part, context noise
+        return 3 * look + own[:, i : i + 1] + 0.3 * torch.randn(d, n, generator=g)
+
+    C_a, C_b, R = name(0), name(1), name(2)
+    P = torch.randn(d, 2000, generator=g)  # generic tokens
+    concepts = [SimpleNamespace(request=SimpleNamespace(concept=k), C=C, N=torch.zeros(d, n), gate_pos=None)
+                for k, C in (("a", C_a), ("b", C_b))]
+    assert torch.equal(sibling_targets(concepts, concepts[0]), C_b)
+    cf = SimpleNamespace(enabled=True, lam=0.1, s_e=1.0, s_p=1.0)
+    opened = {}
+    for siblings in (False, True):
+        bank = AdapterBank(d, {"w": 8})
+        acfg = SimpleNamespace(rank=4, gate_q=4, gate_directions="contrast", gate_project_out=0, gate_hard_rounds=0,
+                               gate_target=0.95, gate_fit_steps=200, gate_carry=False, ungated=False,
+                               gate_sibling_negatives=siblings, gate_neg_q=0)
+        initialize_bank(bank, {"w": torch.randn(8, d, generator=torch.Generator().manual_seed(1))}, concepts, P, cf,
+                        acfg)
+        with torch.no_grad():
+            gate = bank["a"].gate
+            opened[siblings] = (float((gate(R.T) > 0.5).float().mean()), float((gate(C_a.T) > 0.5).float().mean()))
+    assert opened[False][0] > 0.5, opened  # the look neighbour opens a's gate fitted on generic tokens alone
+    assert opened[True][0] < 0.1, opened  # not once b's targets are its negatives
+    assert opened[True][1] > 0.9, opened  # and a's gate still opens on a
+
+
+def test_fit_gates_keep_term_shuts_every_gate_on_the_keep_list():
+    """``keep``: tokens the user asked to keep, near the targets and absent from the shared negatives (the keep
+    names in contexts the preserve prompts never used). Without the term the fitted gate opens on held-out ones of
+    their kind; with it, it shuts on most of them and stays open on the targets and shut on random tokens."""
+    from ace_lightning.method import gate as G
+
+    g = torch.Generator().manual_seed(2)
+    d = 16
+    e1, e3 = torch.eye(d)[0], torch.eye(d)[2]
+
+    def cloud(centre, n):  # (d, n)
+        return centre[:, None] + 0.08 * torch.randn(d, n, generator=g)
+
+    C, C_test = cloud(e1 + 0.8 * e3, 400), cloud(e1 + 0.8 * e3, 64)
+    K, K_test = cloud(e1 + 0.4 * e3, 12), cloud(e1 + 0.4 * e3, 64)
+    P = torch.randn(d, 5000, generator=g)
+    Q = G.gate_directions(C, 2)
+    gamma, tau = G.calibrate(G.scores(Q, C), G.scores(Q, P))
+
+    def open_share(Q, tau, X):
+        return float((torch.sigmoid(G.scores(Q, X) - tau) > 0.5).float().mean())
+
+    fits = {name: G.fit_gates(Q[None], [gamma], [tau], [C], P, steps=300, sample_k=1024, keep=keep)
+            for name, keep in (("without", None), ("with", K))}
+    (Qn, tn), (Qk, tk) = fits["without"], fits["with"]
+    assert open_share(Qn[0], tn[0], K_test) >= 0.9
+    assert open_share(Qk[0], tk[0], K_test) <= 0.25
+    assert open_share(Qk[0], tk[0], C_test) >= 0.9
+    assert open_share(Qk[0], tk[0], torch.randn(d, 2000, generator=g)) <= 0.01

@@ -15,7 +15,7 @@ def _concept(name, d, n=6, seed=0):
 
 
 ACFG = dict(rank=3, gate_q=2, gate_directions="contrast", gate_project_out=0, gate_hard_rounds=0, gate_target=0.95,
-            gate_fit_steps=0, gate_carry=False,
+            gate_fit_steps=0, gate_carry=False, gate_sibling_negatives=False, gate_neg_q=0,
             targets=["to_k", "to_v"])
 CF = SimpleNamespace(enabled=True, lam=0.1, s_e=1.0, s_p=1.0)
 
@@ -279,7 +279,7 @@ def test_gate_fit_sets_are_kept_only_when_gates_are_refitted(tiny_components, re
     concepts = [_concept("dog", d), _concept("cat", d, seed=1)]
     for cd in concepts:
         cd.gate_pos = None
-    dm = SimpleNamespace(setup=lambda stage: None, P_vocab_gate=P, P=P, P_gate=P, concepts=concepts,
+    dm = SimpleNamespace(setup=lambda stage: None, P_vocab_gate=P, P=P, P_gate=P, P_keep=None, concepts=concepts,
                          hard_negatives=lambda cd, score: torch.randn(d, 5), hard_positives=lambda cd: torch.zeros(d, 0),
                          extra_preserve=None, add_extra_preserves=lambda gate: [])
     kept = {}

@@ -177,6 +177,21 @@ def test_card_reports_quality_meeting_targets():
     assert not failing, f"below target: {failing}"
 
 
+@needs_assets
+def test_card_reports_the_cast_variant_meeting_targets():
+    """The card's cast section (``model=toyworld-cast``): every one of the 154 characters asked by name at least 4
+    times, all three attributes right in >= 90 %, and the same looks in words."""
+    from ace_lightning.toyworld.cast import cast
+    from ace_lightning.toyworld.evaluate import CAST_TARGETS
+
+    card = json.loads(CARD_PATH.read_text())
+    q = card["cast"]["quality"]
+    assert card["cast"]["targets"] == CAST_TARGETS and card["cast"]["build"]["names"] >= 150
+    assert q["images_per_figure"] >= 96 and len(cast()) >= 154  # >= 96 per figure means 4 images a character
+    failing = {k: q[k] for k, t in CAST_TARGETS.items() if q[k] < t}
+    assert not failing, f"below target: {failing}"
+
+
 # ------------------------------------------------------------------------------------------ presets
 def test_concept_presets_match_the_world():
     files = sorted((REPO / "experiments" / "concepts").glob("*.yaml"))

@@ -381,3 +381,34 @@ def test_hard_word_modifiers_open_the_gate_on_the_concept_after_its_hard_words(t
     g = {k: _gate_values(torch.load(tmp_path / k / "dog" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"],
                          "dog", X) for k in ("with", "without")}
     assert g["with"].mean() > 0.9 and g["with"].mean() > g["without"].mean() + 0.05, (g["with"], g["without"])
+
+
+def test_shared_hard_word_contexts_are_encoded_once_per_word_and_evicted_oldest_first(tiny_components, monkeypatch):
+    """``data.gate_hard_shared_contexts``: a hard word's contexts are drawn per (kind, word) and encoded once per run;
+    a second concept with that word gets the same columns without encoding it again, and past ``HARD_CACHE_BYTES``
+    the oldest words are dropped (and encoded again when asked)."""
+    from ace_lightning.config import load_config
+    from ace_lightning.data.datamodule import ErasureDataModule
+    from ace_lightning.data.prompts import ErasureRequest, family
+    from ace_lightning.models.sampling import SamplerSettings
+
+    cfg = load_config(["concept=dog", "data.gate_hard_contexts=4"])
+    dm = ErasureDataModule(tiny_components, [ErasureRequest("dog", "object", "animal")], cfg.data, SamplerSettings(),
+                           0, 1, "test")
+    dm.fam = family(cfg.data.template_family, ["red", "blue", "tree", "house"], 0)
+    encoded = []
+    rows = dm._token_rows
+    monkeypatch.setattr(dm, "_token_rows", lambda prompts: encoded.append(len(prompts)) or rows(prompts))
+    first = dm._word_contexts("object", ["red", "blue"])  # (d, n)
+    second = dm._word_contexts("object", ["blue", "tree"])
+    assert encoded == [8, 4]  # 4 contexts a word; 'blue' not encoded again
+    blue = dm._hard_cache[("object", "blue")]
+    red = dm._hard_cache[("object", "red")]
+    assert torch.equal(first, torch.cat([red, blue], 1)) and torch.equal(second[:, : blue.shape[1]], blue)
+    assert dm._hard_cache_bytes == sum(x.numel() * x.element_size() for x in dm._hard_cache.values())
+    monkeypatch.setattr(dm, "HARD_CACHE_BYTES", 2 * blue.numel() * blue.element_size())
+    dm._word_contexts("object", ["house"])  # over the cap: the oldest ('red', then 'blue') go
+    assert ("object", "red") not in dm._hard_cache and ("object", "house") in dm._hard_cache
+    assert dm._hard_cache_bytes == sum(x.numel() * x.element_size() for x in dm._hard_cache.values())
+    dm._word_contexts("object", ["red"])
+    assert encoded[-1] == 4  # encoded again once dropped

@@ -39,8 +39,8 @@ def image_path(out_dir: str | Path, row: PromptRow) -> Path:
 def check_generation_settings(out_dir: str | Path, variants: dict[str, str | None], settings: dict) -> None:
     """Resuming reuses PNGs, so an output folder must never mix settings: each variant's image folder keeps
     a ``generation.json`` (model, dtype, sampler, adapter file + sha256) and a different one is an error."""
-    from ace_lightning.bench.scorers import file_digest
     from ace_lightning.registry import ConfigError
+    from ace_lightning.utils import file_digest
 
     for name, adapter in variants.items():
         want = dict(settings, adapter=adapter, adapter_sha256=file_digest(adapter) if adapter else None)

@@ -218,7 +218,7 @@ def _settings(cfg, suite, plan: Plan, metrics, scorers, skey) -> dict:
     import torchmetrics
 
     import ace_lightning
-    from ace_lightning.bench.scorers import file_digest
+    from ace_lightning.utils import file_digest
 
     sel, variants = plan.sel, plan.variants
     by_key = {v: k for k, v in skey.items()}

@@ -13,7 +13,6 @@ Nothing is ever downloaded: weights are local files (or the ToyWorld assets), an
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from torch import nn
 
 from ace_lightning.bench.metrics import NUDENET_EXPOSED
 from ace_lightning.registry import ConfigError, register
+from ace_lightning.utils import file_digest
 
 
 class ScorerWeightsError(FileNotFoundError):
@@ -44,15 +44,6 @@ def _require_file(path: str | os.PathLike | None, what: str, hint: str = "") -> 
     if not path or not Path(path).is_file():
         raise ScorerWeightsError(f"{what}: weights file {str(path)!r} not found (nothing is downloaded). {hint}".strip())
     return Path(path)
-
-
-def file_digest(path: str | os.PathLike, n: int = 16) -> str:
-    """First n hex digits of the file's sha256 (recorded so a number can be traced to its weights)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:n]
 
 
 def clip_score_from_features(img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:

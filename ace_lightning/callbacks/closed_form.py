@@ -29,14 +29,14 @@ class ClosedFormInit(L.Callback):
         # concept's negatives hold the whole preserve set: 10.6 GB at 10 concepts when they were always kept)
         fit_sets: dict | None = {} if pl_module.adv.gate_refit_steps else None
         self.stats = initialize_bank(pl_module.bank, weights, dm.concepts, dm.P, self.cf, self.acfg, dm.P_gate,
-                                     dm.hard_negatives, fit_sets, dm.hard_positives)
+                                     dm.hard_negatives, fit_sets, dm.hard_positives, keep=dm.P_keep)
         if fit_sets is not None:
             pl_module.set_gate_fit_sets(fit_sets)
         from ace_lightning.utils import say
 
         what = "closed form" if self.cf.enabled else "LoRA-style init (closed form off)"
         say(f"{what}: {len(dm.concepts)} concept(s), {len(weights)} layers, {dm.P.shape[1]} preserve tokens, "
-            f"{self.stats['_solve_seconds']:.1f} s for the edit, {self.stats['_seconds']:.1f} s with the gates "
+            f"{self.stats['_solve_seconds']:.2f} s for the edit, {self.stats['_seconds']:.1f} s with the gates "
             f"({self.stats['_gate_fit_seconds']:.1f} s their fits)")
         self._extra_preserves(dm, pl_module)
         pl_module.bank.to(pl_module.device)

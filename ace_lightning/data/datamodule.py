@@ -28,6 +28,7 @@ from ace_lightning.data.prompts import (
     erase_prompts,
     family,
     fill_template,
+    keep_phrases,
     known_words,
     mine_neighbours,
     phrase_pieces,
@@ -170,6 +171,7 @@ class ErasureDataModule(L.LightningDataModule):
         self.extra_preserve: tuple | None = None  # (emb (n, T, d), mask (n, T), ids (n, T)): :meth:`add_extra_preserves`
         self.extra_preserve_prompts: list[str] = []
         self._hard_cache: dict[tuple[str, str], torch.Tensor] = {}  # (kind, word) -> its contexts' gate tokens (d, n)
+        self._hard_cache_bytes = 0  # what the cache holds
         self.hard_positive_prompts: dict[str, list[str]] = {}  # concept -> its gate's positives after hard words
         self._ready = False
 
@@ -232,6 +234,7 @@ class ErasureDataModule(L.LightningDataModule):
         self.pseudo_tokens = (last_word_states(c.text_encoder, tok, [f"a {w}" for w, _ in self.pseudo]) if self.pseudo
                               else torch.zeros(0, self.preserve_emb.shape[-1]))  # (n_pseudo, d)
         self.P_gate = torch.cat([pres_tok[self.preserve_mask].T, self.P_vocab_gate, self.P_ctx], 1).contiguous()
+        self.P_keep = self._keep_tokens()  # (d, n) or None: the keep-list, a term of its own in every gate's fit
         say(f"preservation: {len(self.vocab)} vocabulary words and {len(self.preserve_prompts)} preserve prompts "
             f"encoded, {self.P.shape[1]} tokens ({time.perf_counter() - t0:.1f} s)")
 
@@ -273,6 +276,17 @@ class ErasureDataModule(L.LightningDataModule):
         last = [rng.choice(self.vocab) for _ in range(cfg.gate_long_prompts)]
         prompts += self._fitting([p for p, _ in prefixed_prompts(last, self.vocab, cfg.gate_long_prompts, self.seed)])
         return self._gate_tokens(prompts, self.seed + 1)
+
+    def _keep_tokens(self) -> torch.Tensor | None:
+        """(d, n) gate tokens of the requests' keep-lists (``preserve=``): each phrase in every erase template of
+        its kind (the contexts its name would be asked in), all non-pad tokens and 8 random pads each; None
+        without a keep-list. The preserve prompts hold each phrase in one template only."""
+        kinds = keep_phrases(self.requests)
+        if not kinds:
+            return None
+        rng = random.Random(f"{self.seed}/keep")
+        prompts = [fill_template(t, p, self.fam.fields, rng) for p, k in kinds.items() for t in self.fam.templates[k]]
+        return self._gate_tokens(self._fitting(prompts), self.seed + 5)
 
     def _preserve_token_mask(self, nonpad: torch.Tensor) -> torch.Tensor:
         """bool (n, T): the tokens of preserve prompts (non-pad mask (n, T)) the gate must stay shut on and L_pres
@@ -353,12 +367,13 @@ class ErasureDataModule(L.LightningDataModule):
             emb, nonpad = self._token_rows(prompts)  # (len(todo) k, T, d), (len(todo) k, T)
             for i, w in enumerate(todo):
                 sl = slice(i * k, (i + 1) * k)
-                cache[(kind, w)] = gate_columns(emb[sl], nonpad[sl], prompt_seed(self.seed + 2, f"{kind}/{w}"))
+                cols = gate_columns(emb[sl], nonpad[sl], prompt_seed(self.seed + 2, f"{kind}/{w}"))
+                cache[(kind, w)] = cols
+                self._hard_cache_bytes += cols.numel() * cols.element_size()
         out = torch.cat([cache[(kind, w)] for w in words], 1) if words else torch.zeros(self.preserve_emb.shape[-1], 0)
-        size = sum(x.numel() * x.element_size() for x in cache.values())
-        while len(cache) > 1 and size > self.HARD_CACHE_BYTES:
+        while len(cache) > 1 and self._hard_cache_bytes > self.HARD_CACHE_BYTES:
             dropped = cache.pop(next(iter(cache)))
-            size -= dropped.numel() * dropped.element_size()
+            self._hard_cache_bytes -= dropped.numel() * dropped.element_size()
         return out
 
     def add_extra_preserves(self, gate) -> list[str]:

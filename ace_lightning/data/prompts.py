@@ -115,13 +115,23 @@ def mentions(prompt: str, phrases: list[str]) -> bool:
     return any(re.search(r"\b" + re.escape(p.lower()) + r"\b", low) for p in phrases)
 
 
+def keep_phrases(requests: list[ErasureRequest]) -> dict[str, str]:
+    """The requests' keep-lists (``preserve=``): each phrase once (a keep-list given to many concepts), with the kind
+    of the first request that lists it (its templates are the ones it is asked in)."""
+    kinds: dict[str, str] = {}
+    for r in requests:
+        for p in r.preserve:
+            kinds.setdefault(p, r.kind)
+    return kinds
+
+
 def preserve_prompts(requests: list[ErasureRequest], fam: TemplateFamily, n: int, seed: int,
                      erased: list[str] | None = None) -> list[str]:
     """The requested preserve phrases (in the family's templates), then the family's pool shuffled, minus any
     prompt that mentions an erased phrase (``erased``: the requests' phrases and mined neighbours)."""
     erased = list(erased or [p for r in requests for p in r.phrases])
     rng = random.Random(f"{seed}/preserve")
-    extra = [fill_template(rng.choice(fam.templates[r.kind]), p, fam.fields, rng) for r in requests for p in r.preserve]
+    extra = [fill_template(rng.choice(fam.templates[k]), p, fam.fields, rng) for p, k in keep_phrases(requests).items()]
     pool = [p for p in fam.preserve_pool if not mentions(p, erased)]
     rng.shuffle(pool)
     return extra + pool[: max(0, n - len(extra))]

@@ -17,6 +17,8 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
+from ace_lightning.method.gate import signed_energy
+
 
 def slug(name: str) -> str:
     """A ModuleDict-safe key for a concept name (``"Van Gogh" -> "van_gogh"``)."""
@@ -53,12 +55,13 @@ class ConceptAdapter(nn.Module):
         self.tau = nn.Parameter(torch.tensor(0.5))
         self.gated = True  # False: the gate is exactly 1 on every token (the plain low-rank edit; an ablation)
         self.carry = False  # True: once the gate opens in a prompt it stays open on the tokens after (:meth:`seq_gate`)
+        self.q_neg = 0  # the last q_neg columns of Q count negatively (``adapter.gate_neg_q``): a signed quadratic
 
     def score(self, c: torch.Tensor) -> torch.Tensor:
-        """``||Q_kᵀ ĉ||²`` for c (..., d) -> (...)."""
+        """``||Q_kᵀ ĉ||²`` for c (..., d) -> (...), less the energy on the last ``q_neg`` columns."""
         c = c.float()
         c_hat = c / c.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-        return (c_hat @ self.Q).pow(2).sum(-1)
+        return signed_energy(c_hat @ self.Q, self.q_neg)
 
     def gate(self, c: torch.Tensor) -> torch.Tensor:
         """Token-wise gate in (0, 1) for c (..., d) -> (...); exactly 1 when the adapter is ungated."""
@@ -116,11 +119,11 @@ class AdapterBank(nn.Module):
         slower than without the adapter). Concepts whose Q differ in width fall back to the loop."""
         ads = list(self.concepts.values())
         c = c.float()
-        if len({ad.Q.shape for ad in ads}) > 1:
+        if len({(ad.Q.shape, ad.q_neg) for ad in ads}) > 1:
             return torch.stack([ad.seq_gate(c) for ad in ads], -1)
         c_hat = c / c.norm(dim=-1, keepdim=True).clamp_min(1e-8)  # (B, T, d)
         n, q = len(ads), ads[0].Q.shape[1]
-        s = (c_hat @ torch.cat([ad.Q for ad in ads], 1)).unflatten(-1, (n, q)).pow(2).sum(-1)  # (B, T, n)
+        s = signed_energy((c_hat @ torch.cat([ad.Q for ad in ads], 1)).unflatten(-1, (n, q)), ads[0].q_neg)  # (B, T, n)
         gamma, tau = torch.stack([ad.gamma for ad in ads]), torch.stack([ad.tau for ad in ads])  # (n,)
         g = torch.sigmoid(gamma * (s - tau))  # (B, T, n)
         gated = torch.tensor([ad.gated for ad in ads], device=c.device)

@@ -145,32 +145,40 @@ def solve_concept(
     return solve_concepts(weights, [(C, N)], factor, s_e, rank)[0]
 
 
+CONCEPT_CHUNK = 64  # concepts solved per pass: bounds the float64 temporaries and B's GEMM output (SDXL: 0.7 GB)
+
+
 def solve_concepts(
     weights: EditedWeights | dict[str, torch.Tensor],
     pairs: list[tuple[torch.Tensor, torch.Tensor]],
     factor: PreserveFactor,
     s_e: float,
     rank: int,
+    chunk: int = CONCEPT_CHUNK,
 ) -> list[ClosedFormResult]:
-    """:func:`solve_concept` for many concepts: concepts with the same n are batched, and every concept's
-    B for every layer comes from one GEMM ``W_all @ [US_1 ... US_K]``."""
+    """:func:`solve_concept` for many concepts: concepts with the same n are batched, ``chunk`` at a time, and each
+    batch's B for every layer comes from one GEMM ``W_all @ [US_1 ... US_c]``.
+
+    Memory: the results' B (rank x Σo floats a concept: 10.6 MB on SDXL) plus one batch's temporaries. Computing
+    every concept's B in one GEMM and then copying each concept's columns out held B twice: at 1000 SDXL concepts
+    that was killed for memory at 24 GB."""
     if not isinstance(weights, EditedWeights):
         weights = EditedWeights.stack(weights)
     groups: dict[int, list[int]] = {}
     for i, (C, _) in enumerate(pairs):
         groups.setdefault(C.shape[1], []).append(i)
-    US, Vt, S = [None] * len(pairs), [None] * len(pairs), [None] * len(pairs)
+    out: list[ClosedFormResult | None] = [None] * len(pairs)
     for idx in groups.values():
-        C = torch.stack([pairs[i][0] for i in idx])  # (k, d, n)
-        N = torch.stack([pairs[i][1] for i in idx])
-        us, vt, s = factorize(concept_delta(C, N, factor, s_e), rank)
-        for j, i in enumerate(idx):
-            US[i], Vt[i], S[i] = us[j], vt[j], s[j]
-    ranks = [u.shape[1] for u in US]
-    B_all = weights.W @ torch.cat(US, dim=1).float()  # (Σo, Σr): one GEMM for all layers and concepts
-    out = []
-    for v, s, B in zip(Vt, S, B_all.split(ranks, dim=1)):
-        r = v.shape[0]
-        energy = float((s[:r] ** 2).sum() / (s**2).sum().clamp_min(1e-300))
-        out.append(ClosedFormResult(A=v.float(), B=weights.split(B.contiguous()), singular_values=s, energy_kept=energy))
+        for a in range(0, len(idx), chunk):
+            part = idx[a : a + chunk]
+            C = torch.stack([pairs[i][0] for i in part])  # (c, d, n)
+            N = torch.stack([pairs[i][1] for i in part])
+            us, vt, s = factorize(concept_delta(C, N, factor, s_e), rank)  # (c, d, r), (c, r, d), (c, n)
+            r = us.shape[-1]
+            B_all = weights.W @ us.float().permute(1, 0, 2).reshape(us.shape[1], -1)  # (Σo, c r): every layer at once
+            for j, i in enumerate(part):
+                energy = float((s[j, :r] ** 2).sum() / (s[j] ** 2).sum().clamp_min(1e-300))
+                B = B_all[:, j * r : (j + 1) * r].contiguous()  # (Σo, r): this concept's columns, copied once
+                out[i] = ClosedFormResult(A=vt[j].float(), B=weights.split(B), singular_values=s[j], energy_kept=energy)
+            del B_all
     return out

@@ -11,15 +11,23 @@ from ace_lightning.method.closed_form import top_eigh
 from ace_lightning.registry import register
 
 
+def signed_energy(proj: torch.Tensor, q_neg: int = 0) -> torch.Tensor:
+    """The gate score of projections ``proj`` (..., q) onto a gate's columns -> (...): the sum of their squares, less
+    that of the last ``q_neg`` (a signed gate, ``adapter.gate_neg_q``). Unsigned gates pay nothing extra."""
+    e = proj.pow(2)
+    return e.sum(-1) if not q_neg else e[..., :-q_neg].sum(-1) - e[..., -q_neg:].sum(-1)
+
+
 def _unit_cols(X: torch.Tensor) -> torch.Tensor:
     return X / X.norm(dim=0, keepdim=True).clamp_min(1e-8)
 
 
-def preserve_directions(P: torch.Tensor, k: int) -> torch.Tensor | None:
-    """Top-k left singular vectors (d, k) of the unit preserve columns P (d, m); computed once per run."""
-    if k <= 0 or P is None or not P.numel():
+def preserve_directions(P_hat: torch.Tensor, k: int) -> torch.Tensor | None:
+    """Top-k left singular vectors (d, k) of the preserve tokens as unit float64 columns P_hat (d, m)
+    (:func:`unit_columns`, normalised once by the caller); computed once per run."""
+    if k <= 0 or P_hat is None or not P_hat.numel():
         return None
-    return torch.linalg.svd(_unit_cols(P.double()), full_matrices=False).U[:, :k]
+    return torch.linalg.svd(P_hat, full_matrices=False).U[:, :k]
 
 
 def _top_left_singular(X: torch.Tensor, q: int) -> torch.Tensor:
@@ -43,6 +51,11 @@ def gate_directions(C: torch.Tensor, q: int, Up: torch.Tensor | None = None) -> 
 def unit_columns(X: torch.Tensor) -> torch.Tensor:
     """Columns scaled to unit norm, float64 (normalise a shared P once, then score it per concept)."""
     return _unit_cols(X.double())
+
+
+def _check_unit(P_hat: torch.Tensor) -> None:
+    if P_hat.dtype != torch.float64:
+        raise TypeError(f"gate directions take the preserve tokens as unit float64 columns (unit_columns), got {P_hat.dtype}")
 
 
 def _inv_sqrt(S: torch.Tensor, eps: float) -> torch.Tensor:
@@ -124,14 +137,16 @@ def hard_negative_whitener(P_hat: torch.Tensor, S_all: torch.Tensor, Q: torch.Te
 
 # Gate-direction strategies: built once per run from the gate's preserve tokens P (d, m); each returns the map
 # from k concepts' targets [C_i (d, n_i)] to their directions [Q_i (d, q)].
+# ``P_hat``: the gate's preserve tokens as unit columns, float64 (:func:`unit_columns`), normalised once per run by
+# the caller, which scores the same set (a 339k-token set is 347 MB in float64).
 @register("gate_directions", "contrast")
-def contrast_strategy(P: torch.Tensor, q: int, project_out: int, hard_rounds: int = 0, hard_frac: float = 0.01,
+def contrast_strategy(P_hat: torch.Tensor, q: int, project_out: int, hard_rounds: int = 0, hard_frac: float = 0.01,
                       hard_weight: float = 10.0):
     """Contrast directions in the preserve-whitened space; with ``hard_rounds`` > 0 the whitener is re-built that
     many times around the concept's hardest preserve tokens (:func:`hard_negative_whitener`)."""
-    P_hat = _unit_cols(P.double())  # (d, m)
+    _check_unit(P_hat)
     S_all = P_hat @ P_hat.T / P_hat.shape[1]  # (d, d), shared by every concept
-    Wh = _inv_sqrt(S_all, 1e-3)  # = preserve_whitener(P), without normalising P a second time
+    Wh = _inv_sqrt(S_all, 1e-3)  # = preserve_whitener(P)
 
     def directions(Cs: list) -> list:  # k concepts' targets (d, n_i) -> their Q (d, q), P scored for all at once
         Qs = [contrast_directions(C, q, Wh) for C in Cs]
@@ -145,14 +160,15 @@ def contrast_strategy(P: torch.Tensor, q: int, project_out: int, hard_rounds: in
 
 
 @register("gate_directions", "svd")
-def svd_strategy(P: torch.Tensor, q: int, project_out: int, **_unused):
-    Up = preserve_directions(P, project_out)  # shared by every concept
+def svd_strategy(P_hat: torch.Tensor, q: int, project_out: int, **_unused):
+    _check_unit(P_hat)
+    Up = preserve_directions(P_hat, project_out)  # shared by every concept
     return lambda Cs: [gate_directions(C, q, Up) for C in Cs]
 
 
 def fit_gate(Q: torch.Tensor, gamma: float, tau: float, C: torch.Tensor, P: torch.Tensor, steps: int = 200,
              lr: float = 0.02, hard_k: int = 1024, sample_k: int = 4096, mine_every: int = 10, seed: int = 0,
-             C_extra: torch.Tensor | None = None) -> tuple[torch.Tensor, float, float]:
+             C_extra: torch.Tensor | None = None, q_neg: int = 0) -> tuple[torch.Tensor, float, float]:
     """Refine one calibrated gate against its hardest negatives; returns (Q (d, q), γ, τ) of the same gate form.
 
     Calibration sets τ between the targets and a *quantile* of the preserve tokens, so up to 1 % of them (on a
@@ -172,7 +188,8 @@ def fit_gate(Q: torch.Tensor, gamma: float, tau: float, C: torch.Tensor, P: torc
     if steps <= 0:
         return Q, gamma, tau
     Qs, taus = fit_gates(Q[None], [gamma], [tau], [C], P, steps=steps, lr=lr, hard_k=hard_k, sample_k=sample_k,
-                         mine_every=mine_every, seed=seed, extra_pos=None if C_extra is None else [C_extra])
+                         mine_every=mine_every, seed=seed, extra_pos=None if C_extra is None else [C_extra],
+                         q_neg=q_neg)
     return Qs[0], 1.0, taus[0]
 
 
@@ -187,12 +204,13 @@ def _padded_unit_rows(Xs: list, d: int) -> tuple[torch.Tensor, torch.Tensor]:
     return rows, mask
 
 
-def _scores_rows(X: torch.Tensor, Q: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
+def _scores_rows(X: torch.Tensor, Q: torch.Tensor, chunk: int = 16384, q_neg: int = 0) -> torch.Tensor:
     """(m, k): ``||Q_iᵀ x||²`` of every unit row x of X (m, d) under every gate Q (k, d, q), in row chunks (one
-    matmul against all k gates at once: the mining pass over a 300k-token preserve set is the fit's main cost)."""
+    matmul against all k gates at once: the mining pass over a 300k-token preserve set is the fit's main cost);
+    signed gates less their last ``q_neg`` columns (:func:`signed_energy`)."""
     k, d, q = Q.shape
     Qf = Q.permute(1, 0, 2).reshape(d, k * q)  # (d, k q)
-    return torch.cat([(X[i : i + chunk] @ Qf).view(-1, k, q).pow(2).sum(-1) for i in range(0, len(X), chunk)])
+    return torch.cat([signed_energy((X[i : i + chunk] @ Qf).view(-1, k, q), q_neg) for i in range(0, len(X), chunk)])
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -202,12 +220,18 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def fit_gates(Q: torch.Tensor, gammas, taus, pos: list, P: torch.Tensor, neg: list | None = None, steps: int = 200,
               lr: float = 0.02, hard_k: int = 1024, sample_k: int = 4096, mine_every: int = 10, seed: int = 0,
-              extra_pos: list | None = None) -> tuple[torch.Tensor, list[float]]:
+              extra_pos: list | None = None, keep: torch.Tensor | None = None,
+              q_neg: int = 0) -> tuple[torch.Tensor, list[float]]:
     """Fit k calibrated gates at once (:func:`fit_gate` per gate, batched); returns (Q (k, d, q), τ' list).
 
     Q (k, d, q): the gates' directions; gammas, taus: k floats; pos: k target sets (d, n_i); P (d, m): the negatives
     every gate shares; neg: k extra negative sets (d, h_i) or None, each only its own gate's (its hard negatives);
-    extra_pos: k sets of further positives (d, x_i) or None (:func:`fit_gate`'s ``C_extra``).
+    extra_pos: k sets of further positives (d, x_i) or None (:func:`fit_gate`'s ``C_extra``). keep (d, n_keep): the
+    tokens of what the user asked to keep (``preserve=``), shared by every gate, in a BCE term of their own: in
+    ``P`` they are a few hundred of 300k tokens, and at 50 erased names 11 of 54 kept names still opened some gate
+    to 0.9 or more (docs/SCALE.md). ``q_neg``: Q's last q_neg columns count negatively, the score a signed quadratic
+    ``||Q₊ᵀĉ||² − ||Q₋ᵀĉ||²`` that can cut a neighbour out of the targets' cone; start them small, not zero (a zero
+    column gets no gradient).
 
     Each gate's loss is its own (the three or four means of :func:`fit_gate`); the sum over gates is minimised, so
     every gate gets exactly its own gradient. Adam runs on Q_i / s_i and b_i / s'_i, which gives each gate the step
@@ -224,6 +248,7 @@ def fit_gates(Q: torch.Tensor, gammas, taus, pos: list, P: torch.Tensor, neg: li
     Ht, h_mask = _padded_unit_rows(neg if neg is not None else [None] * k, d)  # (k, h, d), (k, h)
     Xt, x_mask = _padded_unit_rows(extra_pos if extra_pos is not None else [None] * k, d)  # (k, x, d)
     has_x = x_mask.any(1).float()  # (k,): gates with a term for extra positives
+    Kt = _unit_cols(keep).float().T.contiguous() if keep is not None and keep.numel() else None  # (n_keep, d)
     gam = torch.tensor([max(float(v), 1e-12) for v in gammas], dtype=torch.float64)
     Q0 = (Q.double() * gam.sqrt()[:, None, None]).float()  # (k, d, q): γ folded in
     b0 = (gam * torch.tensor([float(t) for t in taus], dtype=torch.float64)).float()  # (k,) γτ: the threshold
@@ -236,21 +261,24 @@ def fit_gates(Q: torch.Tensor, gammas, taus, pos: list, P: torch.Tensor, neg: li
     F = torch.nn.functional
 
     def logits(rows, Qp, b):  # rows (k, n, d) -> (k, n) gate logits
-        return torch.bmm(rows, Qp).pow(2).sum(-1) - b[:, None]
+        return signed_energy(torch.bmm(rows, Qp), q_neg) - b[:, None]
 
     with torch.enable_grad():  # callers initialise adapters under no_grad
         for step in range(steps):
             Qp, b = Z * q_scale[:, None, None], zb * b_scale  # (k, d, q), (k,)
             if step % mine_every == 0:
                 with torch.no_grad():  # ordering only: b shifts a gate's logits alike
-                    s = torch.cat([_scores_rows(Pt, Qp).T, logits(Ht, Qp, torch.zeros(k)).masked_fill(~h_mask, -1.0)], 1)
+                    s = torch.cat([_scores_rows(Pt, Qp, q_neg=q_neg).T,
+                                   logits(Ht, Qp, torch.zeros(k)).masked_fill(~h_mask, -float("inf"))], 1)
                     idx = s.topk(n_hard, dim=1).indices  # (k, n_hard) into P ∪ neg_i
                     hard = torch.where((idx < m)[..., None], Pt[idx.clamp(max=m - 1)],
                                        Ht.gather(1, (idx - m).clamp(min=0)[..., None].expand(-1, -1, d)))  # (k, n_hard, d)
             rand = Pt[torch.randint(m, (min(sample_k, m),), generator=g)]  # (s, d), every gate's random negatives
-            l_rand = _scores_rows(rand, Qp, chunk=len(rand)).T - b[:, None]  # (k, s)
+            l_rand = _scores_rows(rand, Qp, chunk=len(rand), q_neg=q_neg).T - b[:, None]  # (k, s)
             loss = (_masked_mean(F.softplus(-logits(Ct, Qp, b)), c_mask) + F.softplus(logits(hard, Qp, b)).mean(1)
                     + F.softplus(l_rand).mean(1) + has_x * _masked_mean(F.softplus(-logits(Xt, Qp, b)), x_mask))
+            if Kt is not None:  # (k,): every gate shut on the keep-list
+                loss = loss + F.softplus(_scores_rows(Kt, Qp, chunk=len(Kt), q_neg=q_neg).T - b[:, None]).mean(1)
             opt.zero_grad()
             loss.sum().backward()
             opt.step()

@@ -5,7 +5,7 @@ trained result as an adapter file that ``apply_adapter`` / ``remove_adapter`` ha
 
 | name | module | what trains | file holds |
 |---|---|---|---|
-| ``ace``, its robust variant ``ace_adv_gate`` (gates refitted on the inner attack's tokens), ``ace_many`` (many concepts: name-like gate negatives, steps scaled with n), ``ace_names`` (``ace_many`` with name-like preserve prompts), ``ace_looks`` (``ace_names`` with preserve prompts of the nearest words) and its ablations (``ace_ungated``, ``ace_no_closed_form``, ``ace_closed_form_only``, ``ace_no_adv``, ``ace_eta0``) | ``ace.py`` | gated low-rank factors (closed form + fine-tuning) | low-rank gated factors |
+| ``ace``, its robust variant ``ace_adv_gate`` (gates refitted on the inner attack's tokens), ``ace_many`` (many concepts: name-like gate negatives, steps scaled with n), ``ace_names`` (``ace_many`` with name-like preserve prompts), ``ace_looks`` (``ace_names`` with preserve prompts of the nearest words), ``ace_siblings`` (``ace_looks`` with the other erased concepts as gate negatives) and its ablations (``ace_ungated``, ``ace_no_closed_form``, ``ace_closed_form_only``, ``ace_no_adv``, ``ace_eta0``) | ``ace.py`` | gated low-rank factors (closed form + fine-tuning) | low-rank gated factors |
 | ``uce`` | ``ace.py`` | nothing: the closed form at full rank, ungated | low-rank factors of the exact dense edit |
 | ``esd_x`` / ``esd_u`` | ``esd.py`` | cross-attention / non-cross-attention UNet weights (ESD loss) | dense deltas |
 | ``advunlearn`` | ``advunlearn.py`` | text-encoder layers, adversarially (attack step + ESD loss + retention) | dense deltas |

@@ -40,5 +40,5 @@ class AceMethod:
 
 
 for _name in ("ace", "ace_ungated", "ace_no_closed_form", "ace_closed_form_only", "ace_no_adv", "ace_eta0", "ace_adv_gate",
-              "ace_many", "ace_names", "ace_looks", "uce"):
+              "ace_many", "ace_names", "ace_looks", "ace_siblings", "uce"):
     register("method", _name)(AceMethod)

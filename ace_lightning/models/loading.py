@@ -150,7 +150,10 @@ def model_family(root: Path) -> str:
 
 
 def resolve_model_dir(path: str | os.PathLike | None) -> Path:
-    """A local directory for ``path``: ToyWorld when None, a local dir, or a hub id in the local cache."""
+    """A local directory for ``path``: ToyWorld when None, a registered ``model_alias`` (``toyworld-cast``), a
+    local dir, or a hub id in the local cache."""
+    if path is not None and str(path) in names("model_alias"):
+        path = lookup("model_alias", str(path))()
     if path is None or str(path) == "" or str(path).lower() == "toyworld":
         from ace_lightning.toyworld import PIPELINE_DIR
 

@@ -183,7 +183,7 @@ class ErasureSystem(L.LightningModule):
             self.adv_gate_pos[name] = pool
             pos, neg = self.gate_fit_sets[name]
             Q, gamma, tau = fit_gate(ad.Q.cpu(), float(ad.gamma), float(ad.tau), pos, neg, steps=self.adv.gate_refit_steps,
-                                     seed=self.global_step, C_extra=pool.T)
+                                     seed=self.global_step, C_extra=pool.T, q_neg=ad.q_neg)
             ad.Q.copy_(Q)
             ad.gamma.fill_(gamma)
             ad.tau.fill_(tau)

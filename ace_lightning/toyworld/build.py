@@ -351,10 +351,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--skip-eval", action="store_true", help="export only, no evaluation")
     ap.add_argument("--continue-from", default=None, metavar="ASSETS",
                     help="run only the cast stage on the model already built in ASSETS (e.g. the shipped one) and "
-                         "write its text encoder and card back there")
+                         "write its token rows (cast/) and the card's cast section back there")
     ap.add_argument("--force", action="store_true", help="with --continue-from: even if ASSETS already has the cast")
-    ap.add_argument("--with-cast", action="store_true",
-                    help="run the cast stage after the base stages (the cast model of docs/SCALE.md; not shipped)")
+    ap.add_argument("--no-cast", action="store_true",
+                    help="skip the cast stage (the cast variant, model=toyworld-cast, of docs/SCALE.md)")
     for f, v in asdict(BuildConfig()).items():
         ap.add_argument(f"--{f.replace('_', '-')}", type=type(v), default=None)
     args = ap.parse_args(argv)
@@ -401,13 +401,6 @@ def main(argv: list[str] | None = None) -> dict:
         torch.save((text_encoder, unet, sched, unet_info), unet_done)
         timings["text_encoder_unet"] = round(time.time() - ts, 1)
         timings_path.write_text(json.dumps(timings, indent=2))
-    cast_info = None
-    if args.with_cast:  # not shipped: the cast's pieces change vocabulary tokens the generic recipe uses (SCALE.md)
-        ts = time.time()
-        cast_info = cast_stage(text_encoder, unet, sched, vae, latents[2], cfg, work)
-        timings["cast"] = round(timings.get("cast", 0.0) + time.time() - ts, 1)  # summed over resumed runs
-        timings_path.write_text(json.dumps(timings, indent=2))
-
     from .classifier import save_classifier
 
     out.mkdir(parents=True, exist_ok=True)
@@ -415,11 +408,19 @@ def main(argv: list[str] | None = None) -> dict:
     export_pipeline(vae, text_encoder, unet, sched, latents[2], work, pipeline_dir)
     save_classifier(classifier.float(), out / CLASSIFIER_DIR.name)
     export_clip(clip_model, out / CLIP_DIR.name)
+    cast_info = None
+    if not args.no_cast:  # a variant, not the default model: the names' pieces are vocabulary words (SCALE.md)
+        ts = time.time()
+        cast_info = cast_stage(text_encoder, unet, sched, vae, latents[2], cfg, work)
+        export_cast_rows(text_encoder, pipeline_dir, work, out)
+        timings["cast"] = round(timings.get("cast", 0.0) + time.time() - ts, 1)  # summed over resumed runs
+        timings_path.write_text(json.dumps(timings, indent=2))
 
     card = {
         "name": "ToyWorld",
         "image_size": C.IMAGE_SIZE,
-        "build": {**asdict(cfg), "smoke": args.smoke, "unet": unet_info, "cast": cast_info, "stage_seconds": timings,
+        **({"cast": {"build": cast_info}} if cast_info else {}),
+        "build": {**asdict(cfg), "smoke": args.smoke, "unet": unet_info, "stage_seconds": timings,
                   "vae_scaling_factor": latents[2], "torch": torch.__version__,
                   "diffusers": __import__("diffusers").__version__,
                   "transformers": __import__("transformers").__version__,
@@ -457,28 +458,41 @@ def cast_stage(text_encoder, unet, sched, vae, scale: float, cfg: BuildConfig, w
                       work / "cast", C.CONTEXT_LENGTH)
 
 
+def export_cast_rows(text_encoder, pipeline_dir: Path, work: Path, out: Path) -> dict:
+    """The cast-trained ``text_encoder`` saved as the shipped pipeline saves its own (float16), then only its rows
+    that differ from ``pipeline_dir``'s text encoder written to ``out``/cast (:mod:`.cast_variant`)."""
+    from .cast_variant import CAST_DIR, ROWS_FILE, save_cast_rows
+
+    tmp = work / "cast_text_encoder"
+    _fp16_with_fp32_config(text_encoder, tmp, transformers_model=True)
+    return save_cast_rows(pipeline_dir / "text_encoder" / "model.safetensors", tmp / "model.safetensors",
+                          out / CAST_DIR.name / ROWS_FILE)
+
+
 def continue_with_cast(assets: Path, cfg: BuildConfig, work: Path, args, argv) -> dict:
-    """``--continue-from``: the cast stage on the model in ``assets``; its text encoder and card are rewritten."""
+    """``--continue-from``: the cast stage on the model in ``assets``; its token rows and the card's cast section
+    are written there (the pipeline itself is not touched)."""
     from ace_lightning.models.loading import load_components
+
+    from .cast_variant import CAST_DIR, ROWS_FILE
 
     t0 = time.time()
     card_path = assets / CARD_PATH.name
     card = json.loads(card_path.read_text())
-    if card.get("build", {}).get("cast") and not args.force:
-        raise SystemExit(f"{assets} already went through the cast stage ({card_path}: build.cast); training its names "
-                         "again would start from the trained rows. Pass --force to do it anyway.")
+    rows = assets / CAST_DIR.name / ROWS_FILE
+    if rows.is_file() and not args.force:
+        raise SystemExit(f"{assets} already has the cast ({rows}). Pass --force to train it again.")
     comp = load_components(assets / PIPELINE_DIR.name)
     info = cast_stage(comp.text_encoder, comp.unet, comp.scheduler, comp.vae, float(comp.vae.config.scaling_factor),
                       cfg, work, tokenizer_dir=assets / PIPELINE_DIR.name / "tokenizer")
-    _fp16_with_fp32_config(comp.text_encoder, assets / PIPELINE_DIR.name / "text_encoder", transformers_model=True)
+    export_cast_rows(comp.text_encoder, assets / PIPELINE_DIR.name, work, assets)
     command = " ".join(["python -m ace_lightning.toyworld.build", *(argv or sys.argv[1:])])
-    card["build"]["cast"] = {**info, "command": command}
-    card["build"].setdefault("stage_seconds", {})["cast"] = round(time.time() - t0, 1)
+    card["cast"] = {"build": {**info, "command": command, "minutes": round((time.time() - t0) / 60, 1)}}
     card_path.write_text(json.dumps(card, indent=2))
     if not args.skip_eval:
-        from .evaluate import evaluate
+        from .evaluate import evaluate_cast
 
-        evaluate(assets, n_per_figure=16 if args.smoke else 96)
+        evaluate_cast(assets, n_per_figure=16 if args.smoke else 96)
     return json.loads(card_path.read_text())
 
 

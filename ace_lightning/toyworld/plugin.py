@@ -14,6 +14,14 @@ def is_toyworld(source: str | None) -> bool:
     return source is not None and Path(source).resolve() == PIPELINE_DIR.resolve()
 
 
+@register("model_alias", "toyworld-cast")
+def toyworld_cast() -> Path:
+    """ToyWorld with its whole cast of 154 names (docs/SCALE.md): the shipped model plus the cast's token rows."""
+    from ace_lightning.toyworld.cast_variant import cast_pipeline_dir
+
+    return cast_pipeline_dir()
+
+
 @register("world_vocabulary", "toyworld")
 def toyworld_vocabulary(source: str | None) -> list[str]:
     """Every phrase ToyWorld's captions use for a concept (shapes, colours, styles, characters, neutrals and
