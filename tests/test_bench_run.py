@@ -234,6 +234,37 @@ def test_resume_refuses_other_settings(one_process_run, tiny_suite, tiny_model_d
         _run(tiny_suite, tiny_model_dir, one_process_run, "steps=3")
 
 
+def test_image_folders_pin_the_model_by_its_weights_not_its_path(tiny_suite, tiny_model_dir, tmp_path):
+    """Resumed images are keyed by the model's weights: the same weights saved in another folder reuse them (they
+    used to be refused, the folder pinned the path), and a model rebuilt at the same path is refused (its folder
+    used to reuse the old model's images)."""
+    from conftest import build_tiny_model
+    from diffusers import StableDiffusionPipeline
+
+    from ace_lightning.bench.config import BenchConfig
+    from ace_lightning.bench.run import plan_run
+    from ace_lightning.bench.suites import load_suite
+    from ace_lightning.registry import ConfigError
+
+    suite = load_suite(str(tiny_suite))
+
+    def plan(model, out):
+        return plan_run(BenchConfig(suite=str(tiny_suite), model=str(model), out=str(out), logger="none"), suite)
+
+    plan(tiny_model_dir, tmp_path / "a")
+    saved = tmp_path / "saved_again"
+    StableDiffusionPipeline.from_pretrained(tiny_model_dir).save_pretrained(saved)
+    plan(saved, tmp_path / "a")  # the same weights, written again elsewhere: no error
+    pinned = json.loads((tmp_path / "a" / "images" / "base" / "generation.json").read_text())
+    assert pinned["model"] == str(tiny_model_dir)  # the name is recorded, not compared
+
+    rebuilt = build_tiny_model(tmp_path / "m", seed=0)
+    plan(rebuilt, tmp_path / "b")
+    build_tiny_model(tmp_path / "m", seed=1)  # another model at the same path
+    with pytest.raises(ConfigError, match="other settings.*model_digest"):
+        plan(rebuilt, tmp_path / "b")
+
+
 def test_adapter_for_another_model_fails_before_generating(tiny_suite, tiny_model_dir, tiny_v2_model_dir, tmp_path):
     """An adapter made for another model is refused up front: no image is generated (it used to fail only after
     generating every base image)."""

@@ -143,20 +143,21 @@ def test_n_erased_draws_nested_sets_and_the_shipped_lists_are_those_sets():
         draw_erased(names, 100, 0, n_retained=len(names) - 99)
 
 
-def test_characters_100_suite_rows_with_n_erased(tmp_path):
+def test_characters_100_suite_rows_with_n_erased(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACE_MODEL_CACHE", str(tmp_path / "models"))  # the plan digests the suite's model, the variant
     from ace_lightning.bench.config import BenchConfig
     from ace_lightning.bench.run import plan_run
     from ace_lightning.bench.suites import load_suite
 
     suite = load_suite("toy-characters-100")
     plan = plan_run(BenchConfig(suite="toy-characters-100", n_erased=10, n_retained=50, templates=2,
-                                images_per_prompt=1, out=str(tmp_path)), suite)
+                                images_per_prompt=1, out=str(tmp_path / "bench")), suite)
     groups = {}
     for r in plan.rows:
         groups.setdefault(r.group, set()).add(r.label)
     assert len(groups["erased"]) == 10 and len(groups["retained"]) == 50 and groups["described"] == groups["erased"]
     with pytest.raises(ConfigError, match="n_erased"):
-        plan_run(BenchConfig(suite="toy-characters-100", n_erased=10, erased="zorblax", out=str(tmp_path)), suite)
+        plan_run(BenchConfig(suite="toy-characters-100", n_erased=10, erased="zorblax", out=str(tmp_path / "bench")), suite)
 
 
 def test_ten_concept_adapter_gates_each_name_and_applies_bit_for_bit(tiny_components, tmp_path):

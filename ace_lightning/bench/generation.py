@@ -36,9 +36,12 @@ def image_path(out_dir: str | Path, row: PromptRow) -> Path:
     return Path(out_dir) / "images" / row.variant / row.image_name
 
 
-def check_generation_settings(out_dir: str | Path, variants: dict[str, str | None], settings: dict) -> None:
+def check_generation_settings(out_dir: str | Path, variants: dict[str, str | None], settings: dict,
+                              recorded_only: tuple[str, ...] = ()) -> None:
     """Resuming reuses PNGs, so an output folder must never mix settings: each variant's image folder keeps
-    a ``generation.json`` (model, dtype, sampler, adapter file + sha256) and a different one is an error."""
+    a ``generation.json`` (model digest, dtype, sampler, adapter file + sha256) and a different one is an error.
+    ``recorded_only``: settings written for the reader but not compared (the model's path: the same weights in
+    another folder reuse the images, its digest tells a model rebuilt in place)."""
     from ace_lightning.registry import ConfigError
     from ace_lightning.utils import file_digest
 
@@ -46,23 +49,28 @@ def check_generation_settings(out_dir: str | Path, variants: dict[str, str | Non
         want = dict(settings, adapter=adapter, adapter_sha256=file_digest(adapter) if adapter else None)
         want = json.loads(json.dumps(want, default=str))
         path = Path(out_dir) / "images" / name / "generation.json"
-        have = pin_settings(path, want)
+        have = pin_settings(path, want, recorded_only)
         if have is not None:
-            diff = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
+            diff = sorted(k for k in want.keys() | have.keys() if k not in recorded_only and want.get(k) != have.get(k))
             raise ConfigError(f"{path.parent} holds images generated with other settings ({', '.join(diff)}: "
                               f"{[have.get(k) for k in diff]} vs now {[want.get(k) for k in diff]}); "
                               "use another out= or run= (or delete the folder)")
 
 
-def pin_settings(path: Path, want: dict) -> dict | None:
+def pin_settings(path: Path, want: dict, recorded_only: tuple[str, ...] = ()) -> dict | None:
     """A folder's settings file: written with ``want`` the first time; afterwards the recorded settings when they
-    differ from ``want`` (compared as JSON), else None. Reused images must never mix settings."""
+    differ from ``want`` (compared as JSON, without the ``recorded_only`` keys), else None. Reused images must never
+    mix settings."""
     want = json.loads(json.dumps(want, default=str))
     if not path.is_file():
         atomic_write_text(path, json.dumps(want, indent=2))
         return None
     have = json.loads(path.read_text())
-    return None if have == want else have
+
+    def compared(d):
+        return {k: v for k, v in d.items() if k not in recorded_only}
+
+    return None if compared(have) == compared(want) else have
 
 
 def make_batches(rows: list[PromptRow], batch_size: int) -> list[list[PromptRow]]:

@@ -44,6 +44,7 @@ class Plan:
     rows: list = field(default_factory=list)
     todo: list = field(default_factory=list)
     batch_size: int = 1
+    model_digest: str = ""  # models.loading.weights_digest of the model: what the image folders pin
 
 
 def plan_run(cfg: BenchConfig, suite) -> Plan:
@@ -88,8 +89,11 @@ def plan_run(cfg: BenchConfig, suite) -> Plan:
                 batch_size=cfg.batch_size or suite.batch_size)
     base_rows = suite.rows(sel)
     plan.rows = [G.PromptRow(**{**r.as_dict(), "variant": v}) for v in variants for r in base_rows]
-    G.check_generation_settings(plan.out, variants, {"model": plan.model or "ToyWorld", "dtype": cfg.dtype,
-                                                     "sampler": plan.sampler})
+    from ace_lightning.models.loading import resolve_model_dir, weights_digest
+
+    plan.model_digest = weights_digest(resolve_model_dir(plan.model))
+    G.check_generation_settings(plan.out, variants, {"model": plan.model or "ToyWorld", "model_digest": plan.model_digest,
+                                                     "dtype": cfg.dtype, "sampler": plan.sampler}, recorded_only=("model",))
     plan.todo = [r for r in plan.rows if not G.image_path(plan.out, r).is_file()]
     return plan
 
@@ -224,7 +228,7 @@ def _settings(cfg, suite, plan: Plan, metrics, scorers, skey) -> dict:
     by_key = {v: k for k, v in skey.items()}
     return {
         "suite": suite.name, "suite_file": suite.path, "run": plan.run, "model": plan.model or "ToyWorld",
-        "dtype": cfg.dtype, "variants": variants, "adapter_sha256": {v: file_digest(a) for v, a in variants.items() if a},
+        "model_digest": plan.model_digest, "dtype": cfg.dtype, "variants": variants, "adapter_sha256": {v: file_digest(a) for v, a in variants.items() if a},
         "sampler": plan.sampler, "images_per_prompt": sel.images_per_prompt, "seed": sel.seed,
         "seeds": f"{sel.seed}..{sel.seed + sel.images_per_prompt - 1} per prompt (csv seed_column overrides)",
         "erased": sel.erased, "classes": sel.classes, "templates": sel.templates, "limit": sel.limit, "csv": sel.csv,

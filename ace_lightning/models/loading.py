@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -248,6 +249,53 @@ def content_fingerprint(components: Components) -> str:
             h.update(t.flatten().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     h.update(json.dumps(dict(components.scheduler.config), sort_keys=True, default=str).encode())
     h.update(f"{len(components.tokenizer)}:{components.tokenizer.model_max_length}".encode())
+    return h.hexdigest()[:16]
+
+
+# Keys of saved configs that record where and with which library versions a folder was written, not what it holds.
+PROVENANCE_KEYS = frozenset({"_name_or_path", "_diffusers_version", "transformers_version", "_commit_hash"})
+
+
+def weights_digest(root: str | os.PathLike) -> str:
+    """sha256 (16 hex) of what a diffusers folder holds, not of where or how it was written: every safetensors
+    tensor (component folder, name, dtype, shape, bytes; in name order, so the file split and header order do not
+    count), every JSON file without its :data:`PROVENANCE_KEYS`, and every other file's bytes. Only
+    ``model_index.json`` and the component folders it names are read (without one: :data:`REQUIRED`), hidden files
+    skipped. The same weights saved again elsewhere give the same digest; any changed tensor gives another. Read
+    from disk without building the model (SD-1.4 size: a few seconds)."""
+    import json
+
+    from safetensors import safe_open
+
+    root = Path(root)
+    index = root / "model_index.json"
+    parts = ([k for k, v in json.loads(index.read_text()).items() if isinstance(v, list) and v and v[0]]
+             if index.is_file() else list(REQUIRED))
+    files = sorted(({index} if index.is_file() else set()) | {
+        f for part in parts if (root / part).is_dir() for f in (root / part).rglob("*")
+        if f.is_file() and not any(x.startswith(".") for x in f.relative_to(root).parts)})
+    h = hashlib.sha256()
+    tensors = []  # (component folder, tensor name, file)
+    for f in files:
+        rel = f.relative_to(root)
+        if f.suffix == ".safetensors":
+            with safe_open(str(f), framework="pt") as st:
+                tensors += [(rel.parent.as_posix(), k, f) for k in st.keys()]
+        elif f.suffix == ".json":
+            cfg = json.loads(f.read_text())
+            if isinstance(cfg, dict):
+                cfg = {k: v for k, v in cfg.items() if k not in PROVENANCE_KEYS}
+            h.update(f"{rel.as_posix()}:{json.dumps(cfg, sort_keys=True)}".encode())
+        else:
+            h.update(f"{rel.as_posix()}:".encode() + f.read_bytes())
+    with contextlib.ExitStack() as stack:
+        opened = {}
+        for folder, name, f in sorted(tensors, key=lambda t: t[:2]):
+            if f not in opened:
+                opened[f] = stack.enter_context(safe_open(str(f), framework="pt"))
+            t = opened[f].get_tensor(name).contiguous()
+            h.update(f"{folder}/{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.flatten().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
 
 
