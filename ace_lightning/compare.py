@@ -149,13 +149,14 @@ def train_all(cfg: CompareConfig, out: Path) -> dict[str, Path]:
         if done and same_run((run_dir / "config.yaml").read_text(), wanted, defaults):
             say(f"[{i}/{len(cfg.methods)}] {m}: reusing {run_dir} (same config)")
         else:
-            say(f"[{i}/{len(cfg.methods)}] training {m} ...")
-            proc = subprocess.run([sys.executable, "-m", "ace_lightning.train", *args], stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True)
             (out / "runs").mkdir(parents=True, exist_ok=True)
-            (out / "runs" / f"{m}.log").write_text(proc.stdout)
+            log = out / "runs" / f"{m}.log"
+            say(f"[{i}/{len(cfg.methods)}] training {m} ... (its progress: {log})")
+            with log.open("w") as fh:  # written as it goes, so a long training can be followed
+                proc = subprocess.run([sys.executable, "-m", "ace_lightning.train", *args], stdout=fh,
+                                      stderr=subprocess.STDOUT, text=True)
             if proc.returncode != 0:
-                tail = proc.stdout.strip().splitlines()[-1:] or ["(no output)"]
+                tail = log.read_text().strip().splitlines()[-1:] or ["(no output)"]
                 say(f"[{i}/{len(cfg.methods)}] {m} FAILED (exit {proc.returncode}): {tail[0]}; log in "
                     f"{out / 'runs' / (m + '.log')}; compared without it")
                 continue

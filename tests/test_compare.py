@@ -158,3 +158,27 @@ def test_compare_trains_and_benches_on_the_suite_model_unless_given_one():
     assert with_suite_model(parse_args(["suite=toy-characters-100", "concept=zorblax"])).model == "toyworld-cast"
     assert with_suite_model(parse_args(["suite=toy-characters-100", "concept=zorblax", "model=/m"])).model == "/m"
     assert with_suite_model(parse_args(["suite=toy-objects", "concept=circle"])).model is None
+
+
+def test_a_failing_method_leaves_its_log_written_as_it_went(tmp_path, monkeypatch):
+    """A method's training output goes to ``runs/<method>.log`` while it runs (it used to be held in memory and
+    written at the end, so a long training could not be followed); a failure names the log's last line."""
+    import subprocess
+
+    from ace_lightning.compare import train_all
+
+    seen = {}
+
+    def fake_run(cmd, stdout=None, **kw):
+        stdout.write("step 1 of 200\n")
+        stdout.flush()
+        seen["during"] = (tmp_path / "cmp" / "runs" / "uce.log").read_text()  # readable before the process ends
+        stdout.write("RuntimeError: boom\n")
+        return subprocess.CompletedProcess(cmd, 1)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    cfg = parse_args(["suite=toy-objects", "concept=circle", "methods=uce", f"out={tmp_path / 'cmp'}"])
+    with pytest.raises(ConfigError, match="no method finished training"):
+        train_all(cfg, tmp_path / "cmp")
+    assert seen["during"] == "step 1 of 200\n"
+    assert (tmp_path / "cmp" / "runs" / "uce.log").read_text().endswith("RuntimeError: boom\n")
