@@ -103,6 +103,7 @@ class DataCfg:
     gate_long_prompts: int = 0
     gate_hard_pseudo: int = 0
     gate_hard_modifiers: int = 0
+    gate_hard_combos: int = 0
     gate_hard_shared_contexts: bool = False
     preserve_pseudo: int = 0
     preserve_hard_words: int = 0
@@ -274,7 +275,7 @@ RANGES = [
     ("data.gate_prompts", lambda v: v >= 0, ">= 0"), ("data.gate_hard_words", lambda v: v >= 0, ">= 0"),
     ("data.gate_hard_pseudo", lambda v: v >= 0, ">= 0"), ("data.gate_pseudo_pool", lambda v: v >= 0, ">= 0"),
     ("data.gate_hard_modifiers", lambda v: v >= 0, ">= 0"), ("data.preserve_pseudo", lambda v: v >= 0, ">= 0"),
-    ("data.preserve_hard_words", lambda v: v >= 0, ">= 0"),
+    ("data.preserve_hard_words", lambda v: v >= 0, ">= 0"), ("data.gate_hard_combos", lambda v: v >= 0, ">= 0"),
     ("data.gate_hard_contexts", lambda v: v >= 1, ">= 1"),
     ("data.gate_long_prompts", lambda v: v >= 0, ">= 0"), ("adapter.gate_target", lambda v: 0.5 < v < 1, "in (0.5, 1)"),
     ("closed_form.lam", lambda v: v > 0, "> 0"), ("closed_form.s_e", lambda v: v >= 0, ">= 0"),

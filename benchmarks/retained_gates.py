@@ -1,13 +1,14 @@
 """Which retained classes a compared ACE adapter lost, next to how far the erased concepts' gates open on them
 (docs/SCALE.md, "The fourth round").
 
-    .venv/bin/python benchmarks/retained_gates.py COMPARE_DIR --variant ace_looks [--adapter FILE] [--model DIR]
+    .venv/bin/python benchmarks/retained_gates.py COMPARE_DIR --variant ace_looks [--group described] [--adapter FILE] [--model DIR]
     .venv/bin/python benchmarks/retained_gates.py --names LIST_FILE --adapter FILE [--model DIR]
 
 For every label of the suite's retained group: the share of its bench images still drawn as that label (from the
 compare's own bench scores), and, on the prompts it was asked with, the highest gate of any erased concept on the
 prompt's tokens, on the pads after them, and the sum of all gates on the most-gated token. ``--adapter`` reads
-another adapter on the same prompts (e.g. one saved after a single step). No image is generated.
+another adapter on the same prompts (e.g. one saved after a single step). ``--group described``: the same for the
+erased characters' looks in words, which should stay drawn (``Acc_look``). No image is generated.
 
 ``--names``: no compare; the gates on each name of a list file (a keep-list, one name a line) in the
 toy-characters-100 suite's five templates, and how many names some erased gate opens to 0.9 or more.
@@ -22,17 +23,17 @@ from collections import defaultdict
 from pathlib import Path
 
 
-def kept_by_label(bench: Path, variant: str) -> tuple[dict, dict]:
-    """label -> [drawn as itself?] per image, and label -> the prompts it was asked with (retained group only)."""
+def kept_by_label(bench: Path, variant: str, group: str = "retained") -> tuple[dict, dict]:
+    """label -> [drawn as itself?] per image, and label -> the prompts it was asked with (one group's rows)."""
     scores = {(s["variant"], s["index"], s["seed"]): s for s in map(json.loads, (bench / "scores.jsonl").open())}
     kept, prompts = defaultdict(list), defaultdict(set)
     for r in map(json.loads, next(bench.glob("rows.rank*.jsonl")).open()):
-        if r["variant"] == variant and r["group"] == "retained":
+        if r["variant"] == variant and r["group"] == group:
             s = scores[(r["variant"], r["index"], r["seed"])]
             kept[r["label"]].append(max(range(len(s["probs"])), key=s["probs"].__getitem__) == s["target"])
             prompts[r["label"]].add(r["prompt"])
     if not kept:
-        raise SystemExit(f"no retained rows of variant {variant!r} in {bench}")
+        raise SystemExit(f"no {group} rows of variant {variant!r} in {bench}")
     return kept, prompts
 
 
@@ -40,6 +41,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("compare_dir", nargs="?")
     ap.add_argument("--variant")
+    ap.add_argument("--group", default="retained", help="the suite's group whose prompts are read: retained | described")
     ap.add_argument("--names", default=None, help="a list file of names to read the gates on, instead of a compare")
     ap.add_argument("--adapter", default=None, help="default: <compare_dir>/runs/<variant>/adapter.safetensors")
     ap.add_argument("--model", default=None, help="diffusers folder (default: the one the adapter names)")
@@ -67,7 +69,7 @@ def main() -> None:
         if not (a.compare_dir and a.variant):
             ap.error("give COMPARE_DIR and --variant, or --names and --adapter")
         root = Path(a.compare_dir)
-        kept, prompts = kept_by_label(root / "bench", a.variant)
+        kept, prompts = kept_by_label(root / "bench", a.variant, a.group)
     adapter = a.adapter or str(root / "runs" / a.variant / "adapter.safetensors")
     pipe = load_components(a.model or read_adapter(adapter)[1]["base_model"]).pipeline()
     apply_adapter(pipe, adapter)

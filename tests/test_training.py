@@ -412,3 +412,31 @@ def test_shared_hard_word_contexts_are_encoded_once_per_word_and_evicted_oldest_
     assert dm._hard_cache_bytes == sum(x.numel() * x.element_size() for x in dm._hard_cache.values())
     dm._word_contexts("object", ["red"])
     assert encoded[-1] == 4  # encoded again once dropped
+
+
+def test_hard_word_combinations_shut_the_gate_on_the_words_nearest_its_concept(tiny_model_dir, tmp_path):
+    """``data.gate_hard_combos``: prompts of 2-3 of a concept's first hard words in its templates join its gate's
+    negatives (prompts.json lists them, each made of those words); on held-out combinations of the same words the
+    fitted gate then opens less on every ordered combination of those words than the same fit without them (same
+    seed, same hard words)."""
+    import itertools
+    import json
+
+    from ace_lightning.method.text import last_word_states
+    from ace_lightning.models.loading import load_components
+
+    how = ["trainer.max_steps=1", "data.gate_hard_words=4", "data.gate_hard_contexts=8", "adapter.gate_fit_steps=60",
+           "adv.enabled=false"]
+    run(tiny_cfg(tiny_model_dir, tmp_path / "with", *how, "data.gate_hard_combos=24"))
+    run(tiny_cfg(tiny_model_dir, tmp_path / "without", *how))
+    report = json.loads((tmp_path / "with" / "dog" / "prompts.json").read_text())["concepts"][0]
+    combos, words = report["gate_hard_combos"], report["gate_hard_words"][:4]
+    assert report["gate_hard_words"] == json.loads((tmp_path / "without" / "dog" / "prompts.json").read_text()
+                                                   )["concepts"][0]["gate_hard_words"]
+    assert len(combos) == 24 and all(sum(f" {w} " in f" {p} " for w in words) >= 2 for p in combos), (words, combos)
+    every = [f"a picture of {' '.join(c)}" for n in (2, 3) for c in itertools.permutations(words, n)]
+    comps = load_components(str(tiny_model_dir))
+    X = last_word_states(comps.text_encoder, comps.tokenizer, every)  # (n, d)
+    g = {k: _gate_values(torch.load(tmp_path / k / "dog" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"],
+                         "dog", X) for k in ("with", "without")}
+    assert g["with"].mean() < g["without"].mean() - 0.05, (g["with"].mean(), g["without"].mean())

@@ -173,6 +173,7 @@ class ErasureDataModule(L.LightningDataModule):
         self._hard_cache: dict[tuple[str, str], torch.Tensor] = {}  # (kind, word) -> its contexts' gate tokens (d, n)
         self._hard_cache_bytes = 0  # what the cache holds
         self.hard_positive_prompts: dict[str, list[str]] = {}  # concept -> its gate's positives after hard words
+        self.hard_combo_prompts: dict[str, list[str]] = {}  # concept -> its gate's negatives of hard-word combinations
         self._ready = False
 
     # -- setup -------------------------------------------------------------------------------------
@@ -342,6 +343,7 @@ class ErasureDataModule(L.LightningDataModule):
             words += [self.pseudo[i][0] for i in order if not own & set(self.pseudo[i][1])][: cfg.gate_hard_pseudo]
         self.hard_words[cd.request.concept] = words
         long = self._fitting([p for p, _ in prefixed_prompts(words, self.vocab, cfg.gate_long_prompts, self.seed + 3)])
+        long += self._combo_prompts(cd, words)
         if cfg.gate_hard_shared_contexts:  # each word's contexts encoded once per run, shared by the concepts
             cols = self._word_contexts(cd.request.kind, words)  # (d, n)
             return torch.cat([cols, self._gate_tokens(long, self.seed + 2)], 1) if long else cols
@@ -349,6 +351,22 @@ class ErasureDataModule(L.LightningDataModule):
         prompts = [fill_template(rng.choice(self.fam.templates[cd.request.kind]), w, self.fam.fields, rng)
                    for w in words for _ in range(cfg.gate_hard_contexts)]
         return self._gate_tokens(prompts + long, self.seed + 2)
+
+    def _combo_prompts(self, cd: ConceptData, words: list[str]) -> list[str]:
+        """``data.gate_hard_combos`` prompts of the concept's erase templates, each with 2-3 of its first 16 hard
+        vocabulary words in its place ("a photo of red spotted square"): the words nearest a concept describe it,
+        and alone each one is already a negative, but their company ends on a token that carries the whole
+        description, and a person's look in words must stay drawn when the name goes (``Acc_look``)."""
+        near = words[: min(16, self.cfg.gate_hard_words)]  # the vocabulary hard words (the non-words come after them)
+        if self.cfg.gate_hard_combos <= 0 or len(near) < 2:
+            return []
+        rng = random.Random(f"{self.seed}/hard-combos/{cd.request.concept}")
+        prompts = self._fitting([
+            fill_template(rng.choice(self.fam.templates[cd.request.kind]),
+                          " ".join(rng.sample(near, rng.randint(2, min(3, len(near))))), self.fam.fields, rng)
+            for _ in range(self.cfg.gate_hard_combos)])
+        self.hard_combo_prompts[cd.request.concept] = prompts
+        return prompts
 
     def _word_contexts(self, kind: str, words: list[str]) -> torch.Tensor:
         """(d, n) the gate tokens of each word in ``data.gate_hard_contexts`` erase-template prompts of ``kind``,
@@ -550,6 +568,7 @@ class ErasureDataModule(L.LightningDataModule):
                 "synonyms": list(cd.request.synonyms),
                 "gate_hard_words": self.hard_words.get(cd.request.concept, []),
                 "gate_hard_positives": self.hard_positive_prompts.get(cd.request.concept, []),
+                "gate_hard_combos": self.hard_combo_prompts.get(cd.request.concept, []),
                 "neighbours": [{"word": w, **sc} for w, sc in cd.neighbours],
                 "prompts": [{"prompt": p, "phrase": ph, "neutral_prompt": n}
                             for p, ph, n in zip(cd.prompts, cd.phrases, cd.neutral_prompts)],
