@@ -357,20 +357,27 @@ def test_the_dataset_draws_half_its_preserve_rows_from_the_name_like_prompts():
     assert 0.4 < share < 0.6, share
 
 
+def _fit_dog_gate_with_and_without(tiny_model_dir, tmp_path, option: str) -> dict:
+    """Stage 1 for 'dog' (4 hard words, 60 fit steps) with ``option`` in ``tmp_path/with`` and without it in
+    ``tmp_path/without`` (same seed); returns the first run's prompts.json entry for the concept."""
+    import json
+
+    how = ["trainer.max_steps=1", "data.gate_hard_words=4", "data.gate_hard_contexts=8", "adapter.gate_fit_steps=60",
+           "adv.enabled=false"]
+    run(tiny_cfg(tiny_model_dir, tmp_path / "with", *how, option))
+    run(tiny_cfg(tiny_model_dir, tmp_path / "without", *how))
+    return json.loads((tmp_path / "with" / "dog" / "prompts.json").read_text())["concepts"][0]
+
+
 def test_hard_word_modifiers_open_the_gate_on_the_concept_after_its_hard_words(tiny_model_dir, tmp_path):
     """``data.gate_hard_modifiers``: the concept after each of its first hard words ("a <hard word> dog") joins its
     gate's positives (prompts.json lists them); the fitted gate then opens on the concept's token there, where the
     same fit without them (same seed, same hard words as negatives) opens less."""
-    import json
 
     from ace_lightning.method.text import last_word_states
     from ace_lightning.models.loading import load_components
 
-    how = ["trainer.max_steps=1", "data.gate_hard_words=4", "data.gate_hard_contexts=8", "adapter.gate_fit_steps=60",
-           "adv.enabled=false"]
-    run(tiny_cfg(tiny_model_dir, tmp_path / "with", *how, "data.gate_hard_modifiers=4"))
-    run(tiny_cfg(tiny_model_dir, tmp_path / "without", *how))
-    report = json.loads((tmp_path / "with" / "dog" / "prompts.json").read_text())["concepts"][0]
+    report = _fit_dog_gate_with_and_without(tiny_model_dir, tmp_path, "data.gate_hard_modifiers=4")
     prompts, words = report["gate_hard_positives"], report["gate_hard_words"][:4]
     phrases = ["dog", *report["synonyms"]]
     hits = [(p, f"{w} {ph}") for p in prompts for w in words for ph in phrases if f" {w} {ph}" in f" {p} "]
@@ -425,11 +432,7 @@ def test_hard_word_combinations_shut_the_gate_on_the_words_nearest_its_concept(t
     from ace_lightning.method.text import last_word_states
     from ace_lightning.models.loading import load_components
 
-    how = ["trainer.max_steps=1", "data.gate_hard_words=4", "data.gate_hard_contexts=8", "adapter.gate_fit_steps=60",
-           "adv.enabled=false"]
-    run(tiny_cfg(tiny_model_dir, tmp_path / "with", *how, "data.gate_hard_combos=24"))
-    run(tiny_cfg(tiny_model_dir, tmp_path / "without", *how))
-    report = json.loads((tmp_path / "with" / "dog" / "prompts.json").read_text())["concepts"][0]
+    report = _fit_dog_gate_with_and_without(tiny_model_dir, tmp_path, "data.gate_hard_combos=24")
     combos, words = report["gate_hard_combos"], report["gate_hard_words"][:4]
     assert report["gate_hard_words"] == json.loads((tmp_path / "without" / "dog" / "prompts.json").read_text()
                                                    )["concepts"][0]["gate_hard_words"]
