@@ -264,6 +264,26 @@ def test_mined_neighbours_exclude_known_concepts():
         assert all(s["z"] >= 3.0 for _, s in found), found  # clearly closer than random vocabulary words
 
 
+# -- found at 100 concepts (issue 13): the vocabulary was encoded again for every concept's neighbours ----------
+def test_mined_neighbours_encode_the_vocabulary_once_for_every_concept(monkeypatch):
+    """With the caller's ``memo`` the 4000 candidate words are encoded once for all concepts (they were encoded once
+    per concept: 400,000 passes at 100 names), and every concept finds the same words as without it."""
+    import ace_lightning.method.text as text
+    from ace_lightning.data.prompts import ErasureRequest, known_words, mine_neighbours
+    from ace_lightning.models.loading import load_components
+
+    comps = load_components(None)  # ToyWorld
+    reqs = [ErasureRequest(c, "object", "shape") for c in ("square", "star", "heart")]
+    exclude = known_words(reqs, source=comps.source)
+    plain = [mine_neighbours(comps.text_encoder, comps.tokenizer, r, 3, 4000, exclude, None) for r in reqs]
+    sizes, encode = [], text.last_word_states
+    monkeypatch.setattr(text, "last_word_states", lambda te, tok, p, **kw: sizes.append(len(p)) or encode(te, tok, p, **kw))
+    memo: dict = {}
+    shared = [mine_neighbours(comps.text_encoder, comps.tokenizer, r, 3, 4000, exclude, None, memo=memo) for r in reqs]
+    assert shared == plain and any(plain)
+    assert sizes.count(1) == len(reqs) and sum(sizes) == len(reqs) + len(memo[("vocab", 4000)]), sizes
+
+
 # -- found at 10 concepts (issue 13): every gate's fit set was kept, refits or not -------------------------
 @pytest.mark.parametrize("refit_steps", [0, 5])
 def test_gate_fit_sets_are_kept_only_when_gates_are_refitted(tiny_components, refit_steps):

@@ -187,9 +187,10 @@ class ErasureDataModule(L.LightningDataModule):
         # 1. mined neighbours first: they are erased too, so the vocabulary preserve set must not contain them
         general = family(cfg.template_family, [], self.seed).preserve_pool
         exclude = known_words(self.requests, c.source) | words_of(general)
+        memo: dict = {}  # the vocabulary's embeddings, encoded once for every concept that is not in the cache
         self.neighbours = [
             mine_neighbours(c.text_encoder, tok, req, cfg.neighbours_k, cfg.neighbours_vocab, exclude, cache,
-                            min_z=cfg.neighbours_min_z, model_key=self.fingerprint) for req in self.requests]
+                            min_z=cfg.neighbours_min_z, model_key=self.fingerprint, memo=memo) for req in self.requests]
         erased = [p for r in self.requests for p in r.phrases] + [w for nb in self.neighbours for w, _ in nb]
         # 2. what the model knows: whole words of its own vocabulary (frequent first), minus the erased ones
         self.vocab = candidate_words(tok, cfg.vocab_preserve, words_of(erased))

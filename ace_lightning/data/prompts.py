@@ -247,7 +247,7 @@ def pseudo_words(tokenizer, n: int, seed: int, max_pieces: int = 3) -> list[tupl
 
 def mine_neighbours(
     text_encoder, tokenizer, req: ErasureRequest, k: int, vocab_limit: int, exclude: set[str] | list[str],
-    cache_dir: Path | None, min_z: float = 3.0, model_key: str = "",
+    cache_dir: Path | None, min_z: float = 3.0, model_key: str = "", memo: dict | None = None,
 ) -> list[tuple[str, dict]]:
     """Up to ``k`` vocabulary words whose single-word embedding is nearest (cosine) to the concept's, each with
     its scores ``{"cos": ..., "z": ...}``.
@@ -256,7 +256,9 @@ def mine_neighbours(
     (or phrases, split into words) never returned, e.g. :func:`known_words` and the preserve prompts' words.
     A word is kept only if it is clearly closer to the concept than vocabulary words are at random:
     ``z = (cos − mean) / std`` over all candidate words must be at least ``min_z``. ``model_key`` (a hash of the
-    model's weights) keys the cache, so any change to the model invalidates it.
+    model's weights) keys the cache, so any change to the model invalidates it. ``memo``: a dict the caller keeps
+    for one model across concepts: the candidate words' embeddings, the same for every concept, are computed once
+    into it instead of once per concept (at 100 concepts, 4000 encoder passes instead of 400,000).
     """
     if k <= 0:
         return []
@@ -274,7 +276,10 @@ def mine_neighbours(
         e = last_word_states(text_encoder, tokenizer, texts, batch_size=256)  # (B, d)
         return e / e.norm(dim=-1, keepdim=True).clamp_min(1e-8)
 
-    sims = emb(words) @ emb([req.concept])[0]  # (V,)
+    memo = {} if memo is None else memo
+    if ("vocab", vocab_limit) not in memo:
+        memo[("vocab", vocab_limit)] = emb(words)  # (V, d), the same for every concept of this model
+    sims = memo[("vocab", vocab_limit)] @ emb([req.concept])[0]  # (V,)
     z = (sims - sims.mean()) / sims.std().clamp_min(1e-8)  # (V,)
     top = []
     for i in sims.argsort(descending=True).tolist():
