@@ -157,8 +157,8 @@ def train_all(cfg: CompareConfig, out: Path) -> dict[str, Path]:
                                       stderr=subprocess.STDOUT, text=True)
             if proc.returncode != 0:
                 tail = log.read_text().strip().splitlines()[-1:] or ["(no output)"]
-                say(f"[{i}/{len(cfg.methods)}] {m} FAILED (exit {proc.returncode}): {tail[0]}; log in "
-                    f"{out / 'runs' / (m + '.log')}; compared without it")
+                say(f"[{i}/{len(cfg.methods)}] {m} FAILED (exit {proc.returncode}): {tail[0]}; log in {log}; "
+                    "compared without it")
                 continue
         runs[m] = run_dir
     if not runs:

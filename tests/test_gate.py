@@ -256,3 +256,16 @@ def test_fit_gates_keep_term_shuts_every_gate_on_the_keep_list():
     assert open_share(Qk[0], tk[0], K_test) <= 0.25
     assert open_share(Qk[0], tk[0], C_test) >= 0.9
     assert open_share(Qk[0], tk[0], torch.randn(d, 2000, generator=g)) <= 0.01
+
+
+def test_unit_scores_of_signed_gates_equal_their_signed_energy():
+    """``unit_scores(..., q_negs=)``: one pass gives every gate's score less its last q_neg columns' energy, as
+    :func:`signed_energy` scores one gate (gates of different widths and signs in one call)."""
+    g = torch.Generator().manual_seed(0)
+    X_hat = G.unit_columns(torch.randn(12, 50, generator=g))  # (d, m)
+    Qs = [torch.randn(12, q, generator=g) for q in (3, 5, 4)]
+    q_negs = [0, 2, 1]
+    got = G.unit_scores(X_hat, Qs, chunk=7, q_negs=q_negs)  # (m, 3)
+    want = torch.stack([G.signed_energy(X_hat.T @ Q.double(), r) for Q, r in zip(Qs, q_negs)], 1)
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got[:, 1], G.unit_scores(X_hat, Qs[1:2])[:, 0])  # the sign counted

@@ -108,15 +108,20 @@ def calibrate(s_target: torch.Tensor, s_preserve: torch.Tensor, target_q: float 
     return math.log(target_gate / (1 - target_gate)) / gap, tau
 
 
-def unit_scores(X_hat: torch.Tensor, Qs: list, chunk: int = 16384) -> torch.Tensor:
+def unit_scores(X_hat: torch.Tensor, Qs: list, chunk: int = 16384, q_negs: list[int] | None = None) -> torch.Tensor:
     """(m, k) float64: ``||Q_iᵀ x̂||²`` of every unit column of X_hat (d, m) (float64, :func:`unit_columns`) under
     each of k directions Q_i (d, q_i): one pass over X_hat for all of them, in column chunks (a 300k-token preserve
-    set read once instead of once per concept)."""
+    set read once instead of once per concept). ``q_negs``: per gate, its last columns that count negatively
+    (:func:`signed_energy`), in the same pass."""
     Qc = torch.cat([Q.double() for Q in Qs], 1)  # (d, Σq)
     seg = torch.repeat_interleave(torch.arange(len(Qs)), torch.tensor([Q.shape[1] for Q in Qs]))  # (Σq,) -> i
+    sign = None
+    if q_negs and any(q_negs):  # (Σq,): -1 on each gate's last q_neg columns
+        sign = torch.cat([torch.cat([torch.ones(Q.shape[1] - r), -torch.ones(r)]) for Q, r in zip(Qs, q_negs)]).double()
     out = torch.zeros(X_hat.shape[1], len(Qs), dtype=torch.float64)
     for a in range(0, X_hat.shape[1], chunk):
-        out[a : a + chunk].index_add_(1, seg, (X_hat[:, a : a + chunk].T @ Qc).pow(2))
+        e = (X_hat[:, a : a + chunk].T @ Qc).pow(2)  # (c, Σq)
+        out[a : a + chunk].index_add_(1, seg, e if sign is None else e * sign)
     return out
 
 

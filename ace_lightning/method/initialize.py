@@ -122,9 +122,7 @@ def initialize_bank(bank: AdapterBank, weights: dict[str, torch.Tensor], concept
     with torch.no_grad():
         for a in range(0, len(concepts), SCORE_BATCH):  # every gate on P_gate, one pass per batch
             group = list(zip(concepts[a : a + SCORE_BATCH], adapters[a : a + SCORE_BATCH]))
-            S_p = G.unit_scores(P_hat, [ad.Q[:, : ad.Q.shape[1] - ad.q_neg] for _, ad in group]).float()  # (m', group)
-            if any(ad.q_neg for _, ad in group):  # signed gates: less the energy on their negative columns
-                S_p -= G.unit_scores(P_hat, [ad.Q[:, ad.Q.shape[1] - ad.q_neg :] for _, ad in group]).float()
+            S_p = G.unit_scores(P_hat, [ad.Q for _, ad in group], q_negs=[ad.q_neg for _, ad in group]).float()  # (m', group)
             for j, (cd, ad) in enumerate(group):
                 g_pres = torch.sigmoid(ad.gamma * (S_p[:, j] - ad.tau)) if ad.gated else torch.ones(1)  # (m',)
                 stats[cd.request.concept].update({
