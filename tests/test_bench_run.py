@@ -102,6 +102,12 @@ def test_resumed_run_regenerates_nothing(one_process_run, tiny_suite, tiny_model
 def test_results_logged_to_an_offline_wandb_run(one_process_run, tiny_suite, tiny_model_dir, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     main([f"suite={tiny_suite}", f"model={tiny_model_dir}", f"out={one_process_run}", "logger=wandb", "threads=1"])
+    # run.finish() only *informs* wandb's service that the run is over; the service flushes and closes the
+    # .wandb file afterwards, on its own time (a CI run read the 7-byte header alone). A process that exits
+    # waits for it in wandb's atexit hook; one that reads the file itself must wait with teardown().
+    import wandb
+
+    wandb.teardown()
     runs = list((one_process_run / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, runs
     record = next(runs[0].glob("run-*.wandb")).read_bytes()  # the run's records, synced later by `wandb sync`
