@@ -142,3 +142,41 @@ def test_phrase_pieces_are_the_tokenizers_pieces_without_word_end_markers(tiny_c
         assert len(pieces) == len(tokens) and all("</w>" not in p for p in pieces), (phrase, pieces)
         assert "".join(pieces) == phrase.replace(" ", ""), (phrase, pieces)
         assert phrase_pieces(tok, phrase, last_only=True) == pieces[-1:]
+
+
+def test_one_mention_pattern_finds_exactly_what_a_search_per_phrase_finds():
+    """``mention_pattern`` (one alternation for every erased phrase) against the definition it replaces: some
+    phrase's own whole-word search in the lower-cased prompt. Prefixes, multi-word phrases, case, punctuation."""
+    import re
+
+    from ace_lightning.data.prompts import mention_pattern, mentions
+
+    phrases = ["dog", "Hot Dog", "do", "van gogh", "c-3po", "art", "a.b"]
+    prompts = ["a hot dog stand", "a dogged cat", "Do it", "undo", "a painting by Van Gogh", "van goghs", "C-3PO",
+               "c-3pox", "artist", "street art.", "a.b.c", "axb", "a photo of a cat", "", "dog-like"]
+    pat = mention_pattern(phrases)
+
+    def one_by_one(prompt):
+        return any(re.search(r"\b" + re.escape(p.lower()) + r"\b", prompt.lower()) for p in phrases)
+
+    got = [mentions(p, pat) for p in prompts]
+    assert got == [one_by_one(p) for p in prompts]
+    assert got == [True, False, True, False, True, False, True, False, False, True, True, False, False, False, True]
+    assert [mentions(p, phrases) for p in prompts] == got  # a list is compiled on the spot
+    assert mention_pattern([]) is None and not mentions("a dog", [])
+
+
+def test_paired_positions_of_many_triples_equal_each_triple_alone(tiny_components):
+    from ace_lightning.method.text import paired_positions_many
+    from ace_lightning.registry import ConfigError
+
+    tok = tiny_components.tokenizer
+    triples = [("a photo of a golden dog", "golden dog", "a photo of a animal"),
+               ("a dog", "dog", "a animal"),
+               ("a big red painting of a dog in the rain", "dog", "a big red painting of a animal in the rain")]
+    for policy in ("last", "last+eos", "phrase", "all_after"):
+        many = paired_positions_many(tok, triples, "animal", policy)
+        assert many == [paired_positions(tok, *t[:3], "animal", policy) for t in triples]
+    assert many[0] == ([5, 6, 7], [5, 5, 6])  # the golden dog's all_after positions of test_token_policies
+    with pytest.raises(ConfigError, match="phrase not found.*'a cat'"):
+        paired_positions_many(tok, [triples[1], ("a cat", "dog", "a animal")], "animal", "last")

@@ -15,7 +15,7 @@ import hashlib
 import json
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
@@ -42,7 +42,7 @@ from ace_lightning.method.text import (
     encode_prompts,
     find_span,
     last_word_states,
-    paired_positions,
+    paired_positions_many,
     phrase_ids,
     token_mask,
 )
@@ -67,6 +67,8 @@ class ConceptData:
     ids: torch.Tensor  # (n, T) token ids of the erase prompts (for the soft-prompt attack)
     span: torch.Tensor  # (n, 2) [start, end) of the phrase in each erase prompt
     gate_pos: torch.Tensor | None = None  # (d, n_g) target tokens of further erase prompts (gate positives, with C)
+    latent_prompts: list[str] = field(default_factory=list)  # the prompts of ``latents``, one each
+    latent_seeds: list[int] = field(default_factory=list)  # and their seeds
 
 
 def pad_sample(nonpad: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
@@ -254,8 +256,13 @@ class ErasureDataModule(L.LightningDataModule):
             )
             self.preserve_emb, self.preserve_mask = self.preserve_emb[:npres], self.preserve_mask[:npres]
             self.preserve_ids = self.preserve_ids[:npres]
-            for req, nb in zip(self.requests, self.neighbours):
-                self.concepts.append(self._concept(req, nb, latents, pipe))
+            self.concepts = [self._concept(req, nb) for req, nb in zip(self.requests, self.neighbours)]
+            # every concept's latents in one request: the missing ones are generated in full batches across
+            # concepts, not a short batch per concept (measured: 4 latents of one prompt took ~0.9 s, 16 ~2.0 s)
+            x0 = latents.get(pipe, [p for cd in self.concepts for p in cd.latent_prompts],
+                             [s for cd in self.concepts for s in cd.latent_seeds])  # (Σ L_i, c, h, w)
+            for cd, part in zip(self.concepts, x0.split([len(cd.latent_prompts) for cd in self.concepts])):
+                cd.latents = part
         self.setup_seconds = time.perf_counter() - t_setup  # data preparation: mining, encoding, latents
         self._ready = True
 
@@ -463,8 +470,8 @@ class ErasureDataModule(L.LightningDataModule):
         if not triples:
             return torch.zeros(self.preserve_emb.shape[-1], 0)
         emb, _ = encode_prompts(c.text_encoder, c.tokenizer, [p for p, _, _ in triples])
-        cols = [emb[i, paired_positions(c.tokenizer, p, ph, neu, req.neutral, self.cfg.token_policy)[0]]
-                for i, (p, ph, neu) in enumerate(triples)]
+        cols = [emb[i, pc] for i, (pc, _) in
+                enumerate(paired_positions_many(c.tokenizer, triples, req.neutral, self.cfg.token_policy))]
         return torch.cat(cols).T.contiguous()
 
     def hard_positives(self, cd: ConceptData) -> torch.Tensor:
@@ -491,7 +498,9 @@ class ErasureDataModule(L.LightningDataModule):
         self.hard_positive_prompts[req.concept] = [p for p, _, _ in triples]
         return self._target_tokens(req, triples)
 
-    def _concept(self, req: ErasureRequest, nb: list, latents: LatentCache, pipe) -> ConceptData:
+    def _concept(self, req: ErasureRequest, nb: list) -> ConceptData:
+        """One concept's prompts, encodings and target tokens; its latents (``latent_prompts`` with
+        ``latent_seeds``) are left empty and fetched for every concept at once in :meth:`setup`."""
         c, cfg = self.components, self.cfg
         triples = erase_prompts(req, req.phrases + [w for w, _ in nb], self.fam, cfg.prompts_per_concept, self.seed)
         prompts, phrases, neutrals = map(list, zip(*triples))
@@ -500,17 +509,16 @@ class ErasureDataModule(L.LightningDataModule):
         emb_neu, _ = encode_prompts(c.text_encoder, c.tokenizer, neutrals)
         mask = torch.zeros(ids.shape, dtype=torch.bool)  # (n, T): token rows only (an SDXL emb has T + 1)
         cols_c, cols_n = [], []
-        for i, (p, ph, npr) in enumerate(triples):
-            pc, pn = paired_positions(c.tokenizer, p, ph, npr, req.neutral, cfg.token_policy)
+        for i, (pc, pn) in enumerate(paired_positions_many(c.tokenizer, triples, req.neutral, cfg.token_policy)):
             mask[i, pc] = True
             cols_c.append(emb[i, pc])
             cols_n.append(emb_neu[i, pn])
         canon = [i for i, ph in enumerate(phrases) if ph == req.concept] or list(range(len(prompts)))
         lat_prompts = [prompts[canon[i % len(canon)]] for i in range(cfg.latents_per_concept)]
-        x0 = latents.get(pipe, lat_prompts, [self.seed * 104729 + i for i in range(len(lat_prompts))])
         return ConceptData(req, prompts, phrases, neutrals, nb, emb, emb_neu, mask,
-                           torch.cat(cols_c).T.contiguous(), torch.cat(cols_n).T.contiguous(), x0, ids, span,
-                           self._gate_positives(req, req.phrases + [w for w, _ in nb]))
+                           torch.cat(cols_c).T.contiguous(), torch.cat(cols_n).T.contiguous(), torch.empty(0), ids,
+                           span, self._gate_positives(req, req.phrases + [w for w, _ in nb]), lat_prompts,
+                           [self.seed * 104729 + i for i in range(len(lat_prompts))])
 
     @torch.no_grad()
     def heldout_gate_rates(self, bank, threshold: float = 0.5) -> dict[str, float]:

@@ -110,9 +110,19 @@ def erase_prompts(req: ErasureRequest, phrases: list[str], fam: TemplateFamily, 
     return out
 
 
-def mentions(prompt: str, phrases: list[str]) -> bool:
-    low = prompt.lower()
-    return any(re.search(r"\b" + re.escape(p.lower()) + r"\b", low) for p in phrases)
+def mention_pattern(phrases: list[str]) -> re.Pattern | None:
+    """One pattern that finds any of ``phrases`` as whole words in a lower-cased prompt (None for no phrases). The
+    alternation backtracks through every phrase at each position, so it matches exactly where some phrase's own
+    ``\\b<phrase>\\b`` would; compiled once, it replaces a search per phrase (100 names and their neighbours against
+    the 64k-prompt preserve pool: 59 s of 13.7M searches, docs/SCALE.md seventh round)."""
+    words = sorted({p.lower() for p in phrases}, key=len, reverse=True)
+    return re.compile(r"\b(?:" + "|".join(map(re.escape, words)) + r")\b") if words else None
+
+
+def mentions(prompt: str, phrases: list[str] | re.Pattern | None) -> bool:
+    """Whether ``prompt`` holds one of ``phrases`` (a list, or its :func:`mention_pattern`) as whole words."""
+    pat = phrases if isinstance(phrases, re.Pattern) or phrases is None else mention_pattern(phrases)
+    return pat is not None and pat.search(prompt.lower()) is not None
 
 
 def keep_phrases(requests: list[ErasureRequest]) -> dict[str, str]:
@@ -132,7 +142,8 @@ def preserve_prompts(requests: list[ErasureRequest], fam: TemplateFamily, n: int
     erased = list(erased or [p for r in requests for p in r.phrases])
     rng = random.Random(f"{seed}/preserve")
     extra = [fill_template(rng.choice(fam.templates[k]), p, fam.fields, rng) for p, k in keep_phrases(requests).items()]
-    pool = [p for p in fam.preserve_pool if not mentions(p, erased)]
+    pat = mention_pattern(erased)
+    pool = [p for p in fam.preserve_pool if not mentions(p, pat)]
     rng.shuffle(pool)
     return extra + pool[: max(0, n - len(extra))]
 

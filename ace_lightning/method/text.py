@@ -78,17 +78,33 @@ def policy_all_after(span_c, eos_c, span_n, eos_n):
 
 def paired_positions(tokenizer, prompt: str, phrase: str, neutral_prompt: str, neutral: str, policy: str):
     """Positions of the target tokens in ``prompt`` and the matching ones in ``neutral_prompt``."""
+    return paired_positions_many(tokenizer, [(prompt, phrase, neutral_prompt)], neutral, policy)[0]
+
+
+def paired_positions_many(tokenizer, triples: Sequence[tuple[str, str, str]], neutral: str, policy: str) -> list:
+    """:func:`paired_positions` of every (prompt, phrase, neutral prompt) triple sharing one ``neutral`` phrase:
+    the prompts tokenised in two batched calls and each phrase once (one call per prompt cost 20 s of a
+    100-concept run's data stage, docs/SCALE.md seventh round). -> [(positions_c, positions_n)] in order."""
     from ace_lightning.registry import lookup
 
     fn = lookup("token_policy", policy)
-    ids_c, ids_n = tokenize(tokenizer, [prompt, neutral_prompt])
-    eos = tokenizer.eos_token_id
-    try:
-        span_c = find_span(ids_c.tolist(), phrase_ids(tokenizer, phrase))
-        span_n = find_span(ids_n.tolist(), phrase_ids(tokenizer, neutral))
-    except ValueError as e:
-        raise ConfigError(f"{e}: prompt {prompt!r} / phrase {phrase!r}, neutral {neutral_prompt!r} / {neutral!r}") from e
-    return fn(span_c, eos_position(ids_c.tolist(), eos), span_n, eos_position(ids_n.tolist(), eos))
+    if not triples:
+        return []
+    ids_c = tokenize(tokenizer, [p for p, _, _ in triples]).tolist()  # (B, T)
+    ids_n = tokenize(tokenizer, [n for _, _, n in triples]).tolist()
+    eos, pieces = tokenizer.eos_token_id, {}
+    neu = phrase_ids(tokenizer, neutral)
+    out = []
+    for (prompt, phrase, neutral_prompt), c, n in zip(triples, ids_c, ids_n):
+        if phrase not in pieces:
+            pieces[phrase] = phrase_ids(tokenizer, phrase)
+        try:
+            span_c, span_n = find_span(c, pieces[phrase]), find_span(n, neu)
+        except ValueError as e:
+            raise ConfigError(f"{e}: prompt {prompt!r} / phrase {phrase!r}, neutral {neutral_prompt!r} / "
+                              f"{neutral!r}") from e
+        out.append(fn(span_c, eos_position(c, eos), span_n, eos_position(n, eos)))
+    return out
 
 
 def token_mask(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
