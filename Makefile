@@ -32,8 +32,8 @@ train: $(STAMP) ## erase CONCEPT="a,b" (a preset or any phrase) [KIND=style] [NE
 	@test -n "$(CONCEPT)" || { echo "usage: make train CONCEPT=<name>[,<name>...] [KIND=object|style|person|nsfw] [NEUTRAL=<phrase>] [SYNONYMS=\"a,b\"] [PRESERVE=\"a,@file\"] [MODEL=<dir-or-id>] [ARGS=\"k=v ...\"]"; exit 2; }
 	$(PY) -m ace_lightning.train concept="$(CONCEPT)" $(if $(KIND),kind="$(KIND)") $(if $(NEUTRAL),neutral="$(NEUTRAL)") $(if $(SYNONYMS),'synonyms=[$(SYNONYMS)]') $(if $(PRESERVE),preserve="$(PRESERVE)") $(if $(MODEL),model.path="$(MODEL)") $(ARGS)
 
-test: $(STAMP) ## run the default (fast, offline, CPU) test suite
-	$(PY) -m pytest -q
+test: $(STAMP) ## run the default (fast, offline, CPU) test suite; lists its 15 slowest tests at the end
+	$(PY) -m pytest -q --durations=15
 
 test-slow: $(STAMP) ## run only the slow tests
 	$(PY) -m pytest -q -m slow
