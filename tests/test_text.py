@@ -151,9 +151,10 @@ def test_one_mention_pattern_finds_exactly_what_a_search_per_phrase_finds():
 
     from ace_lightning.data.prompts import mention_pattern, mentions
 
-    phrases = ["dog", "Hot Dog", "do", "van gogh", "c-3po", "art", "a.b"]
+    phrases = ["dog", "Hot Dog", "do", "van gogh", "c-3po", "art", "a.b", "DOG", "(tm)", "x."]
     prompts = ["a hot dog stand", "a dogged cat", "Do it", "undo", "a painting by Van Gogh", "van goghs", "C-3PO",
-               "c-3pox", "artist", "street art.", "a.b.c", "axb", "a photo of a cat", "", "dog-like"]
+               "c-3pox", "artist", "street art.", "a.b.c", "axb", "a photo of a cat", "", "dog-like", "brand (tm)",
+               "brand(tm)x", "x.y", "max."]
     pat = mention_pattern(phrases)
 
     def one_by_one(prompt):
@@ -161,22 +162,34 @@ def test_one_mention_pattern_finds_exactly_what_a_search_per_phrase_finds():
 
     got = [mentions(p, pat) for p in prompts]
     assert got == [one_by_one(p) for p in prompts]
-    assert got == [True, False, True, False, True, False, True, False, False, True, True, False, False, False, True]
+    assert got[:15] == [True, False, True, False, True, False, True, False, False, True, True, False, False, False,
+                        True]
+    for odd in ([""], ["", "dog"], ["(tm)"], ["x."]):  # the empty phrase, non-word edges: as a search of each alone
+        assert [mentions(p, mention_pattern(odd)) for p in prompts] == [
+            any(re.search(r"\b" + re.escape(w) + r"\b", p.lower()) for w in odd) for p in prompts], odd
     assert [mentions(p, phrases) for p in prompts] == got  # a list is compiled on the spot
     assert mention_pattern([]) is None and not mentions("a dog", [])
 
 
 def test_paired_positions_of_many_triples_equal_each_triple_alone(tiny_components):
-    from ace_lightning.method.text import paired_positions_many
-    from ace_lightning.registry import ConfigError
+    from ace_lightning.method.text import eos_position, find_span, paired_positions_many
+    from ace_lightning.registry import ConfigError, lookup
 
     tok = tiny_components.tokenizer
     triples = [("a photo of a golden dog", "golden dog", "a photo of a animal"),
                ("a dog", "dog", "a animal"),
                ("a big red painting of a dog in the rain", "dog", "a big red painting of a animal in the rain")]
+    def alone(prompt, phrase, neutral_prompt, policy):  # one triple, tokenised by itself (the old per-call way)
+        ids_c, ids_n = (tok(x, padding="max_length", max_length=tok.model_max_length, truncation=True).input_ids
+                        for x in (prompt, neutral_prompt))
+        span_c = find_span(ids_c, tok(phrase, add_special_tokens=False).input_ids)
+        span_n = find_span(ids_n, tok("animal", add_special_tokens=False).input_ids)
+        return lookup("token_policy", policy)(span_c, eos_position(ids_c, tok.eos_token_id), span_n,
+                                              eos_position(ids_n, tok.eos_token_id))
+
     for policy in ("last", "last+eos", "phrase", "all_after"):
         many = paired_positions_many(tok, triples, "animal", policy)
-        assert many == [paired_positions(tok, *t[:3], "animal", policy) for t in triples]
+        assert many == [alone(*t, policy) for t in triples], policy
     assert many[0] == ([5, 6, 7], [5, 5, 6])  # the golden dog's all_after positions of test_token_policies
     with pytest.raises(ConfigError, match="phrase not found.*'a cat'"):
         paired_positions_many(tok, [triples[1], ("a cat", "dog", "a animal")], "animal", "last")

@@ -21,6 +21,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from ace_lightning.data.prompts import (
     ErasureRequest,
@@ -63,7 +64,7 @@ class ConceptData:
     target_mask: torch.Tensor  # (n, T) bool: the policy's target tokens
     C: torch.Tensor  # (d, n_tok) target-token embeddings (columns)
     N: torch.Tensor  # (d, n_tok) matching neutral-token embeddings
-    latents: torch.Tensor  # (L, c, h, w) frozen-model x_0 for the concept's prompts
+    latents: torch.Tensor  # (L, c, h, w) frozen-model x_0 for the concept's prompts (empty until setup fetches them)
     ids: torch.Tensor  # (n, T) token ids of the erase prompts (for the soft-prompt attack)
     span: torch.Tensor  # (n, 2) [start, end) of the phrase in each erase prompt
     gate_pos: torch.Tensor | None = None  # (d, n_g) target tokens of further erase prompts (gate positives, with C)
@@ -107,17 +108,27 @@ class LatentCache:
         return self.root / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"
 
     def get(self, pipe, prompts: list[str], seeds: list[int], batch_size: int = 16) -> torch.Tensor:
+        """Latents (B, c, h, w) of ``prompts`` with ``seeds``; the missing ones generated ``batch_size`` at a time
+        and saved after each batch, so an interrupted request keeps every batch it finished (one request holds
+        every concept of a run: :meth:`ErasureDataModule.setup`). A (prompt, seed) pair asked twice is made once."""
         from ace_lightning.utils import atomic_save
 
         paths = [self.path(p, s) for p, s in zip(prompts, seeds)]
-        todo = [i for i, p in enumerate(paths) if not p.exists()]
+        first: dict[Path, int] = {}  # each missing file -> the first index that asks for it
+        for i, p in enumerate(paths):
+            if p not in first and not p.exists():
+                first[p] = i
+        todo = list(first.values())
         if todo:
             say(f"generating {len(todo)} frozen-model latents (cached in {self.root})")
-            self.generated += len(todo)
-            lat = generate(pipe, [prompts[i] for i in todo], [seeds[i] for i in todo], self.settings.steps,
-                           self.settings.guidance, output_type="latent", batch_size=batch_size, eta=self.settings.eta)
-            for i, x in zip(todo, lat):
-                atomic_save(paths[i], lambda tmp, x=x: torch.save(x.clone(), tmp))
+            for a in tqdm(range(0, len(todo), batch_size), desc="latents", leave=False):
+                part = todo[a : a + batch_size]
+                lat = generate(pipe, [prompts[i] for i in part], [seeds[i] for i in part], self.settings.steps,
+                               self.settings.guidance, output_type="latent", batch_size=batch_size, progress=False,
+                               eta=self.settings.eta)  # (b, c, h, w)
+                for i, x in zip(part, lat):
+                    atomic_save(paths[i], lambda tmp, x=x: torch.save(x.clone(), tmp))
+                self.generated += len(part)
         return torch.stack([torch.load(p, weights_only=True) for p in paths])  # (B, c, h, w)
 
 
@@ -258,7 +269,8 @@ class ErasureDataModule(L.LightningDataModule):
             self.preserve_ids = self.preserve_ids[:npres]
             self.concepts = [self._concept(req, nb) for req, nb in zip(self.requests, self.neighbours)]
             # every concept's latents in one request: the missing ones are generated in full batches across
-            # concepts, not a short batch per concept (measured: 4 latents of one prompt took ~0.9 s, 16 ~2.0 s)
+            # concepts, not a short batch per concept (benchmarks/latent_batching.py: 0.200 s a latent in batches
+            # of 4, 0.129 s in batches of 16)
             x0 = latents.get(pipe, [p for cd in self.concepts for p in cd.latent_prompts],
                              [s for cd in self.concepts for s in cd.latent_seeds])  # (Σ L_i, c, h, w)
             for cd, part in zip(self.concepts, x0.split([len(cd.latent_prompts) for cd in self.concepts])):
@@ -499,8 +511,8 @@ class ErasureDataModule(L.LightningDataModule):
         return self._target_tokens(req, triples)
 
     def _concept(self, req: ErasureRequest, nb: list) -> ConceptData:
-        """One concept's prompts, encodings and target tokens; its latents (``latent_prompts`` with
-        ``latent_seeds``) are left empty and fetched for every concept at once in :meth:`setup`."""
+        """One concept's prompts, encodings and target tokens. ``latents`` is left empty: :meth:`setup` fetches the
+        ``latent_prompts`` with their ``latent_seeds`` for every concept at once."""
         c, cfg = self.components, self.cfg
         triples = erase_prompts(req, req.phrases + [w for w, _ in nb], self.fam, cfg.prompts_per_concept, self.seed)
         prompts, phrases, neutrals = map(list, zip(*triples))
@@ -517,8 +529,8 @@ class ErasureDataModule(L.LightningDataModule):
         lat_prompts = [prompts[canon[i % len(canon)]] for i in range(cfg.latents_per_concept)]
         return ConceptData(req, prompts, phrases, neutrals, nb, emb, emb_neu, mask,
                            torch.cat(cols_c).T.contiguous(), torch.cat(cols_n).T.contiguous(), torch.empty(0), ids,
-                           span, self._gate_positives(req, req.phrases + [w for w, _ in nb]), lat_prompts,
-                           [self.seed * 104729 + i for i in range(len(lat_prompts))])
+                           span, gate_pos=self._gate_positives(req, req.phrases + [w for w, _ in nb]),
+                           latent_prompts=lat_prompts, latent_seeds=[self.seed * 104729 + i for i in range(len(lat_prompts))])
 
     @torch.no_grad()
     def heldout_gate_rates(self, bank, threshold: float = 0.5) -> dict[str, float]:

@@ -114,8 +114,8 @@ def mention_pattern(phrases: list[str]) -> re.Pattern | None:
     """One pattern that finds any of ``phrases`` as whole words in a lower-cased prompt (None for no phrases). The
     alternation backtracks through every phrase at each position, so it matches exactly where some phrase's own
     ``\\b<phrase>\\b`` would; compiled once, it replaces a search per phrase (100 names and their neighbours against
-    the 64k-prompt preserve pool: 59 s of 13.7M searches, docs/SCALE.md seventh round)."""
-    words = sorted({p.lower() for p in phrases}, key=len, reverse=True)
+    the 64k-prompt preserve pool: 59 s of 13.7M searches under cProfile, docs/SCALE.md seventh round)."""
+    words = sorted({p.lower() for p in phrases})  # sorted: the same pattern in every process (a set's order is not)
     return re.compile(r"\b(?:" + "|".join(map(re.escape, words)) + r")\b") if words else None
 
 

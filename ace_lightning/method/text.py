@@ -81,17 +81,18 @@ def paired_positions(tokenizer, prompt: str, phrase: str, neutral_prompt: str, n
     return paired_positions_many(tokenizer, [(prompt, phrase, neutral_prompt)], neutral, policy)[0]
 
 
-def paired_positions_many(tokenizer, triples: Sequence[tuple[str, str, str]], neutral: str, policy: str) -> list:
+def paired_positions_many(tokenizer, triples: Sequence[tuple[str, str, str]], neutral: str,
+                          policy: str) -> list[tuple[list[int], list[int]]]:
     """:func:`paired_positions` of every (prompt, phrase, neutral prompt) triple sharing one ``neutral`` phrase:
-    the prompts tokenised in two batched calls and each phrase once (one call per prompt cost 20 s of a
-    100-concept run's data stage, docs/SCALE.md seventh round). -> [(positions_c, positions_n)] in order."""
+    the prompts tokenised in two batched calls and each phrase once (one call per prompt: 20.6 s of a
+    100-concept run's data stage under cProfile, docs/SCALE.md seventh round). -> [(positions_c, positions_n)] in order."""
     from ace_lightning.registry import lookup
 
     fn = lookup("token_policy", policy)
     if not triples:
         return []
     ids_c = tokenize(tokenizer, [p for p, _, _ in triples]).tolist()  # (B, T)
-    ids_n = tokenize(tokenizer, [n for _, _, n in triples]).tolist()
+    ids_n = tokenize(tokenizer, [n for _, _, n in triples]).tolist()  # (B, T)
     eos, pieces = tokenizer.eos_token_id, {}
     neu = phrase_ids(tokenizer, neutral)
     out = []
