@@ -157,16 +157,15 @@ def test_one_mention_pattern_finds_exactly_what_a_search_per_phrase_finds():
                "brand(tm)x", "x.y", "max."]
     pat = mention_pattern(phrases)
 
-    def one_by_one(prompt):
-        return any(re.search(r"\b" + re.escape(p.lower()) + r"\b", prompt.lower()) for p in phrases)
+    def one_by_one(prompt, words):  # the definition: some word's own whole-word search
+        return any(re.search(r"\b" + re.escape(w.lower()) + r"\b", prompt.lower()) for w in words)
 
     got = [mentions(p, pat) for p in prompts]
-    assert got == [one_by_one(p) for p in prompts]
+    assert got == [one_by_one(p, phrases) for p in prompts]
     assert got[:15] == [True, False, True, False, True, False, True, False, False, True, True, False, False, False,
                         True]
     for odd in ([""], ["", "dog"], ["(tm)"], ["x."]):  # the empty phrase, non-word edges: as a search of each alone
-        assert [mentions(p, mention_pattern(odd)) for p in prompts] == [
-            any(re.search(r"\b" + re.escape(w) + r"\b", p.lower()) for w in odd) for p in prompts], odd
+        assert [mentions(p, mention_pattern(odd)) for p in prompts] == [one_by_one(p, odd) for p in prompts], odd
     assert [mentions(p, phrases) for p in prompts] == got  # a list is compiled on the spot
     assert mention_pattern([]) is None and not mentions("a dog", [])
 
